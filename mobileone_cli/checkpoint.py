@@ -1,0 +1,304 @@
+"""Recognise a MobileOne state dict, infer its architecture, validate it.
+
+Input is the flat tensor dict `reader.read_checkpoint` returns; output is a
+`LoadedCheckpoint` in canonical (Apple) key names with an `ArchitectureSpec`
+inferred from tensor shapes alone. Every problem is found here, before any
+work, and raised as one `BadCheckpointError` line naming the keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mobileone_cli.errors import BadCheckpointError
+from mobileone_cli.layouts import LAYOUTS, KeyAddress, convert_key, get_layout, parse_key
+from mobileone_cli.variants import STEM_IN_CHANNELS, ArchitectureSpec, BlockSpec, identify_variant
+
+if TYPE_CHECKING:
+    import torch
+
+    from mobileone_cli.reader import RawCheckpoint
+
+# Parts by index in layouts._CANONICAL_PARTS.
+_CONV, _CONV_BN, _SCALE_CONV, _SCALE_BN, _SKIP, _SE_REDUCE, _SE_EXPAND, _REPARAM = range(8)
+
+# Look-alikes are refused by name: a key pattern and what the file looks like.
+_LOOK_ALIKES = (
+    (re.compile(r"token_mixer|patch_embed|(^|\.)network\.\d|conv_exp\.|final_conv\.|"
+                r"stages\.\d+\.blocks\."),
+     "a FastViT checkpoint (it shares MobileOne's block names, not its architecture)"),
+    (re.compile(r"(^|\.)(stage[5-9]|stages[._][4-9])\."),
+     "the six-stage layout of the `mobileone-pytorch` package (the paper's table), "
+     "not one of the Apple, timm or mmpretrain layouts"),
+    (re.compile(r"(^|\.)(dw|pw)_[a-z0-9_]*\."),
+     "a single-file re-implementation with `dw_*`/`pw_*` keys, not one of the Apple, "
+     "timm or mmpretrain layouts"),
+)
+_SUPPORTED_HINT = (
+    "mobileone reads train-time or folded checkpoints of Apple's ml-mobileone, timm "
+    "(mobileone_s0..s4) and OpenMMLab mmpretrain"
+)
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A validated MobileOne state dict in canonical key names."""
+
+    source: Path
+    sha256: str
+    layout: str
+    spec: ArchitectureSpec
+    variant: str
+    state: dict[str, torch.Tensor]
+    source_dtype: str
+    container: str | None = None
+    stripped_prefixes: tuple[str, ...] = ()
+    skipped_extras: tuple[str, ...] = ()
+
+    @property
+    def is_folded(self) -> bool:
+        return self.spec.is_folded
+
+    @property
+    def is_headless(self) -> bool:
+        return self.spec.num_classes is None
+
+
+def load_checkpoint(path: Path, *, ema: bool = False) -> LoadedCheckpoint:
+    """Read, recognise and validate a checkpoint file."""
+    from mobileone_cli.reader import read_checkpoint
+
+    raw = read_checkpoint(path, ema=ema)
+    return recognise(raw)
+
+
+def recognise(raw: RawCheckpoint) -> LoadedCheckpoint:
+    state = _normalise_feature_keys(raw.state)
+    layout = detect_layout(list(state))
+    canonical, unexpected = _to_canonical(state, layout)
+    spec = infer_architecture(canonical, layout=layout)
+    _validate(canonical, spec, layout=layout, unexpected=unexpected)
+    return LoadedCheckpoint(
+        source=raw.path,
+        sha256=raw.sha256,
+        layout=layout,
+        spec=spec,
+        variant=identify_variant(spec),
+        state=canonical,
+        source_dtype=_dominant_dtype(canonical),
+        container=raw.container_key,
+        stripped_prefixes=raw.stripped_prefixes,
+        skipped_extras=raw.skipped_extras,
+    )
+
+
+def _normalise_feature_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Backbone-only files: timm `features_only` (`stages_0.`) and mmpretrain without `backbone.`."""
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = re.sub(r"^stages_(\d+)\.", r"stages.\1.", key)
+        if re.match(r"^stage\d+\.(\d+\.)?(branch_|se\.conv)", key):
+            key = f"backbone.{key}"
+        renamed[key] = value
+    return renamed
+
+
+def detect_layout(keys: list[str]) -> str:
+    """The layout most keys belong to; refuses look-alikes by name."""
+    for pattern, looks_like in _LOOK_ALIKES:
+        example = next((key for key in keys if pattern.search(key)), None)
+        if example is not None:
+            raise BadCheckpointError(
+                f"this file looks like {looks_like} (key '{example}')", hint=_SUPPORTED_HINT
+            )
+    counts = {layout: sum(parse_key(key, layout) is not None for key in keys) for layout in LAYOUTS}
+    best = max(counts, key=lambda layout: counts[layout])
+    if counts[best] == 0 or counts[best] < len(keys) / 2:
+        sample = ", ".join(f"'{key}'" for key in keys[:3])
+        raise BadCheckpointError(
+            f"not a MobileOne checkpoint: no key of the Apple, timm or mmpretrain layout "
+            f"(first keys: {sample})",
+            hint=_SUPPORTED_HINT,
+        )
+    return best
+
+
+def _to_canonical(
+    state: dict[str, torch.Tensor], layout: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    canonical: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, value in state.items():
+        address = parse_key(key, layout)
+        if address is None:
+            unexpected.append(key)
+        else:
+            canonical[address.canonical_key()] = value
+    return canonical, unexpected
+
+
+def infer_architecture(state: dict[str, torch.Tensor], *, layout: str = "apple") -> ArchitectureSpec:
+    """The architecture of a canonical state dict, from tensor shapes alone.
+
+    Strides are not stored in any tensor: as in every peer, the stem and the
+    first block of each stage have stride 2. An identity branch on such a block
+    would be contradictory and is reported by validation.
+    """
+    blocks: dict[tuple[int, int | None], dict[str, torch.Tensor]] = defaultdict(dict)
+    addresses: dict[tuple[int, int | None], list[KeyAddress]] = defaultdict(list)
+    for key, value in state.items():
+        address = parse_key(key, "apple")
+        assert address is not None
+        if address.stage >= 0:
+            blocks[(address.stage, address.block)][key] = value
+            addresses[(address.stage, address.block)].append(address)
+    if (0, None) not in blocks:
+        raise BadCheckpointError(
+            f"missing keys: no stem block ('{_render('stage0.', layout)}...')",
+            hint="the file holds part of a model; save the whole state_dict()",
+        )
+    stage_numbers = sorted({stage for stage, _ in blocks if stage > 0})
+    if stage_numbers != [1, 2, 3, 4]:
+        raise BadCheckpointError(
+            f"missing keys: a MobileOne has stages 1-4, this file has stages {stage_numbers}",
+            hint="the file holds part of a model; save the whole state_dict()",
+        )
+    in_channels = STEM_IN_CHANNELS
+    stem = _infer_block(addresses[(0, None)], blocks[(0, None)], in_channels, stride=2,
+                        layout=layout)
+    in_channels = stem.out_channels
+    stages = []
+    for stage in stage_numbers:
+        indices = sorted(block for s, block in blocks if s == stage and block is not None)
+        gaps = sorted(set(range(indices[-1] + 1)) - set(indices))
+        if gaps:
+            missing = ", ".join(f"'{_render(f'stage{stage}.{g}.', layout)}*'" for g in gaps)
+            raise BadCheckpointError(f"missing keys: every key of block(s) {missing}",
+                                     hint="the file holds part of a model")
+        stage_blocks = []
+        for index in indices:
+            block = _infer_block(addresses[(stage, index)], blocks[(stage, index)], in_channels,
+                                 stride=2 if index == 0 else 1, layout=layout)
+            stage_blocks.append(block)
+            in_channels = block.out_channels
+        stages.append(tuple(stage_blocks))
+    head = state.get("linear.weight", state.get("linear.bias"))
+    return ArchitectureSpec(
+        stem=stem,
+        stages=tuple(stages),
+        num_classes=int(head.shape[0]) if head is not None else None,
+    )
+
+
+def _infer_block(
+    addresses: list[KeyAddress],
+    tensors: dict[str, torch.Tensor],
+    in_channels: int,
+    *,
+    stride: int,
+    layout: str,
+) -> BlockSpec:
+    parts = {address.part for address in addresses}
+    kernel_parts = (_REPARAM,) if _REPARAM in parts else (_CONV,)
+    kernel = next(
+        (tensors[a.canonical_key()] for a in addresses
+         if a.part in kernel_parts and a.leaf == "weight"),
+        None,
+    )
+    first = addresses[0]
+    prefix = get_layout("apple").block_prefix(first.stage, first.block)
+    if kernel is None or kernel.dim() != 4:
+        name = "reparam_conv.weight" if _REPARAM in parts else "rbr_conv.0.conv.weight"
+        raise BadCheckpointError(
+            f"missing keys: '{_render(prefix + name, layout)}' (a 4-d conv kernel)",
+            hint="the file holds part of a model, or a model of another family",
+        )
+    out_channels, channels_per_group, kernel_size = (int(kernel.shape[i]) for i in (0, 1, 2))
+    if channels_per_group == 0 or in_channels % channels_per_group:
+        raise BadCheckpointError(
+            f"shape mismatch: '{_render(prefix, layout)}' kernel {tuple(kernel.shape)} does not "
+            f"fit {in_channels} input channels",
+            hint="the blocks of this file do not chain; is it a MobileOne?",
+        )
+    se = tensors.get(f"{prefix}se.reduce.weight")
+    branches = [a.branch for a in addresses if a.part in (_CONV, _CONV_BN) and a.branch is not None]
+    return BlockSpec(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        kernel_size=kernel_size,
+        stride=stride,
+        groups=in_channels // channels_per_group,
+        conv_branches=0 if _REPARAM in parts else max(branches) + 1,
+        has_scale=bool(parts & {_SCALE_CONV, _SCALE_BN}),
+        has_identity=_SKIP in parts,
+        se_channels=int(se.shape[0]) if se is not None and se.dim() == 4 else
+        (1 if parts & {_SE_REDUCE, _SE_EXPAND} else 0),
+    )
+
+
+def _validate(
+    state: dict[str, torch.Tensor],
+    spec: ArchitectureSpec,
+    *,
+    layout: str,
+    unexpected: list[str],
+) -> None:
+    import torch
+
+    from mobileone_cli.model import expected_shapes
+
+    expected = expected_shapes(spec)
+    if not any(key.endswith("num_batches_tracked") for key in state):
+        # Older checkpoints and some converters drop this counter; folding never reads it.
+        expected = {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")}
+    missing = sorted(_render(key, layout) for key in expected.keys() - state.keys())
+    extra = sorted(unexpected + [_render(k, layout) for k in state.keys() - expected.keys()])
+    if missing or extra:
+        found = [f"missing keys: {', '.join(missing)}" if missing else "",
+                 f"unexpected keys: {', '.join(extra)}" if extra else ""]
+        raise BadCheckpointError(
+            f"the checkpoint does not match the architecture its shapes describe: "
+            f"{'; '.join(part for part in found if part)}",
+            hint="was the file saved from a modified model, or cut short?",
+        )
+    mismatched = [
+        f"'{_render(key, layout)}' is {tuple(value.shape)}, expected {expected[key]}"
+        for key, value in state.items()
+        if tuple(value.shape) != expected[key]
+    ]
+    if mismatched:
+        raise BadCheckpointError(f"shape mismatch: {'; '.join(sorted(mismatched))}",
+                                 hint="the tensors of this file do not fit together")
+    for key, value in state.items():
+        name = _render(key, layout)
+        if key.endswith("num_batches_tracked"):
+            continue
+        if not value.is_floating_point():
+            raise BadCheckpointError(
+                f"'{name}' has dtype {str(value.dtype).replace('torch.', '')}; weights must be "
+                "floating point", hint="was this file quantized? fold the float checkpoint")
+        if not bool(torch.isfinite(value).all()):
+            raise BadCheckpointError(f"'{name}' contains NaN or Inf values",
+                                     hint="the training run diverged or the file is corrupt")
+        if key.endswith("running_var") and bool((value < 0).any()):
+            raise BadCheckpointError(f"'{name}' has negative running variances",
+                                     hint="BatchNorm statistics are corrupt")
+
+
+def _render(canonical_key: str, layout: str) -> str:
+    """A canonical key, or a block prefix such as `stage1.3.`, in the user's own layout."""
+    if not canonical_key.endswith("."):
+        return convert_key(canonical_key, source="apple", target=layout)
+    match = re.match(r"^stage(\d+)\.(?:(\d+)\.)?$", canonical_key)
+    assert match is not None, canonical_key
+    block = int(match[2]) if match[2] is not None else None
+    return get_layout(layout).block_prefix(int(match[1]), block)
+
+
+def _dominant_dtype(state: dict[str, torch.Tensor]) -> str:
+    dtypes = [str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()]
+    return max(set(dtypes), key=dtypes.count) if dtypes else "float32"

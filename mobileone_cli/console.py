@@ -1,0 +1,224 @@
+"""All terminal output: rich tables on stdout, messages and progress on stderr.
+
+Data (tables, JSON, written paths) goes to stdout, everything else to stderr.
+User-supplied text is rendered with markup off, so a path like `[s0].pth`
+prints as itself. Colour follows rich's conventions (NO_COLOR, non-terminals).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from mobileone_cli.api import FoldResult, ModelSummary
+    from mobileone_cli.export import Artifact
+    from mobileone_cli.report import Report, SourceReport
+    from mobileone_cli.verify import Verification
+
+
+class Terminal:
+    def __init__(self, *, json_mode: bool = False, quiet: bool = False) -> None:
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self.out = Console(highlight=False, soft_wrap=True)
+        # soft_wrap: an error is one line however long, so CI logs and greps keep it whole.
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+    # -- messages -------------------------------------------------------------
+    def error(self, message: str, hint: str | None = None) -> None:
+        self.err.print(Text.assemble(("error: ", "bold red"), message))
+        if hint:
+            self.err.print(Text.assemble(("hint: ", "yellow"), hint))
+
+    def info(self, message: str) -> None:
+        if not (self.quiet or self.json_mode):
+            self.err.print(Text(message, style="dim"))
+
+    @contextmanager
+    def progress(self, description: str) -> Iterator[None]:
+        """A spinner on a terminal; nothing in --json or --quiet mode or when piped."""
+        if self.quiet or self.json_mode or not self.err.is_terminal:
+            yield
+            return
+        with self.err.status(Text(description)):
+            yield
+
+    # -- data -----------------------------------------------------------------
+    def emit_json(self, payload: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+        sys.stdout.flush()
+
+    def model_summary(self, summary: ModelSummary) -> None:
+        classes = "headless backbone" if summary.num_classes is None else f"{summary.num_classes} classes"
+        state = "already folded" if summary.already_folded else "train-time"
+        self.out.print(Text(f"{summary.source}", style="bold"))
+        self.out.print(Text(
+            f"  {summary.variant.upper()} · {summary.layout} layout · {state} · {classes} · "
+            f"{summary.source_dtype}"
+        ))
+        if summary.container or summary.stripped_prefixes or summary.skipped_extras:
+            notes = []
+            if summary.container:
+                notes.append(f"weights under '{summary.container}'")
+            if summary.stripped_prefixes:
+                notes.append("stripped " + ", ".join(f"'{p}'" for p in summary.stripped_prefixes))
+            if summary.skipped_extras:
+                notes.append("skipped " + ", ".join(summary.skipped_extras))
+            self.out.print(Text("  " + "; ".join(notes), style="dim"))
+        table = Table(title=None, show_edge=False, pad_edge=False)
+        for column in ("stage", "blocks", "out channels", "conv branches", "stride", "SE blocks"):
+            table.add_column(column, justify="left" if column == "stage" else "right")
+        for stage in summary.stages:
+            table.add_row(stage.name, str(stage.blocks), str(stage.out_channels),
+                          str(stage.conv_branches) if stage.conv_branches else "folded",
+                          str(stage.stride), str(stage.se_blocks))
+        self.out.print(table)
+        self.out.print(Text(
+            f"  params: {_millions(summary.params.train)} train-time → "
+            f"{_millions(summary.params.fused)} folded"
+        ))
+
+    def verification(self, title: str, verification: Verification) -> None:
+        table = Table(title=Text(title, style="bold"), title_justify="left", show_edge=False)
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        table.add_row("max |Δ|", f"{verification.max_abs_diff:.3g}")
+        table.add_row("max relative |Δ|", f"{verification.max_rel_diff:.3g}")
+        table.add_row("tolerance (rtol)", f"{verification.rtol:.3g}  ({verification.tolerance_rule})")
+        table.add_row("fp32 noise floor", f"{verification.noise_floor:.3g}")
+        ratio = verification.floor_ratio
+        table.add_row("error / floor", "n/a" if ratio is None else f"{ratio:.2f}x")
+        table.add_row("cosine similarity", f"{verification.cosine_similarity:.8f}")
+        if verification.top1_agreement is not None:
+            table.add_row("top-1 agreement", f"{verification.top1_agreement:.1%}")
+        verdict = Text("PASSED", style="bold green") if verification.passed else Text(
+            "FAILED", style="bold red")
+        table.add_row("verdict", verdict)
+        self.out.print(table)
+        self.out.print(Text("  inputs: " + "; ".join(verification.inputs), style="dim"))
+
+    def artifacts(self, artifacts: tuple[Artifact, ...]) -> None:
+        for artifact in artifacts:
+            self.out.print(Text.assemble(
+                ("wrote ", "green"), str(artifact.path),
+                f"  ({artifact.format}, {_size(artifact.bytes)}, sha256 {artifact.sha256[:12]}…)",
+            ))
+
+    def fold_result(self, result: FoldResult) -> None:
+        self.model_summary(result.summary)
+        self.out.print()
+        self.verification("fold verification: folded vs train-time (fp32)", result.verification)
+        self.artifacts(result.outputs)
+        if not result.verification.passed:
+            self.error(
+                f"the folded model differs from the train-time model by "
+                f"{result.verification.max_rel_diff:.3g} (relative), beyond the tolerance "
+                f"{result.verification.rtol:.3g}; nothing was written",
+                hint="this is a fold bug or a checkpoint the tool misreads; please report it",
+            )
+
+    def report(self, report: Report) -> None:
+        """One row per source: params and MACs train → fused, latency per runtime, file size."""
+        from mobileone_cli.report import MAC_CONVENTION
+
+        height, width = report.size
+        self.out.print(Text(f"MACs: {MAC_CONVENTION} · input {report.batch} x 3 x {height} x "
+                            f"{width} · {report.threads} thread{'' if report.threads == 1 else 's'}",
+                            style="bold"), soft_wrap=True)
+        table = Table(show_edge=False, pad_edge=False)
+        for column in ("source", "variant", "params (M)", "MACs (M)"):
+            table.add_column(column, justify="right" if "(M)" in column else "left")
+        if report.latency_measured:
+            table.add_column("model · runtime")
+            table.add_column("ms median / p90", justify="right")
+            table.add_column("images/s", justify="right")
+            table.add_column("speed-up", justify="right")
+        table.add_column("file", justify="right")
+        for row in report.rows:
+            cells = [Text(str(row.source)), Text(row.variant.upper()),
+                     Text(_report_change(row, "params")), Text(_report_change(row, "macs"))]
+            if report.latency_measured:
+                cells += [
+                    Text("\n".join(f"{item.model} · {item.runtime}" for item in row.latency)),
+                    Text("\n".join(f"{item.median_ms:.2f} / {item.p90_ms:.2f}"
+                                   for item in row.latency)),
+                    Text("\n".join(f"{item.images_per_second:,.1f}" for item in row.latency)),
+                    Text("—" if row.speedup is None else f"{row.speedup:.2f}x"),
+                ]
+            cells.append(Text(_size(row.file_bytes)))
+            table.add_row(*cells)
+        self._print_whole(table)
+        if report.latency_measured:
+            self.out.print(Text(
+                f"latency: median and p90 of {report.runs} runs after {report.warmup} warm-up "
+                f"runs; speed-up = train-time / folded median in torch eager", style="dim"),
+                soft_wrap=True)
+            if report.machine_was_busy and not self.quiet:
+                self.err.print(Text(
+                    f"warning: the machine was busy (load average {report.load_average:.1f} on "
+                    f"{report.cpus} CPUs); latency figures are unreliable", style="yellow"))
+        for row in report.rows:
+            if row.fused_stages is not None:
+                self.out.print()
+                self.report_stages(row)
+
+    def report_stages(self, row: SourceReport) -> None:
+        """Params, MACs and output shape of the stem, each stage and the head of one source."""
+        self.out.print(Text(f"{row.source} by stage", style="bold"), soft_wrap=True)
+        table = Table(show_edge=False, pad_edge=False)
+        for column in ("stage", "output (C x H x W)", "params (M)", "MACs (M)"):
+            table.add_column(column, justify="left" if column == "stage" else "right")
+        fused = row.fused_stages or ()
+        train = row.train_stages or (None,) * len(fused)
+        for before, after in zip(train, fused):
+            params = _report_pair(None if before is None else before.params, after.params)
+            macs = _report_pair(None if before is None else before.macs, after.macs, macs=True)
+            table.add_row(after.name, " x ".join(map(str, after.output_shape[1:])), params, macs)
+        self._print_whole(table)
+
+    def _print_whole(self, table: Table) -> None:
+        """Piped output is as wide as the table needs: rich would wrap it at 80 columns."""
+        from rich.measure import Measurement
+
+        if self.out.is_terminal:
+            self.out.print(table)
+            return
+        unbounded = self.out.options.update_width(1 << 16)
+        width = max(self.out.width, Measurement.get(self.out, unbounded, table).maximum)
+        Console(file=self.out.file, width=width, highlight=False, soft_wrap=False).print(table)
+
+
+def _report_change(row: SourceReport, field: str) -> str:
+    """`train → fused` of one Complexity field; the fused figure alone for folded files."""
+    before = getattr(row.train, field) if row.train else None
+    after = getattr(row.fused, field) if row.fused else None
+    if after is None:
+        return "n/a"
+    return _report_pair(before, after, macs=field == "macs")
+
+
+def _report_pair(before: int | None, after: int, *, macs: bool = False) -> str:
+    def show(count: int) -> str:
+        millions = count / 1e6
+        # MACs in whole millions as the paper prints them; one decimal for small inputs.
+        if macs:
+            return f"{millions:,.0f}" if millions >= 100 else f"{millions:.1f}"
+        return f"{millions:.2f}" if count >= 10_000 else f"{millions:.3f}"
+
+    return show(after) if before is None else f"{show(before)} → {show(after)}"
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.2f} M"
+
+
+def _size(count: int) -> str:
+    return f"{count / (1 << 20):.1f} MiB" if count >= 1 << 20 else f"{count / 1024:.1f} KiB"

@@ -1,0 +1,90 @@
+"""Atomic, checked output: nothing half-written, nothing overwritten by surprise."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mobileone_cli.errors import OutputError
+
+CHUNK = 1 << 20
+
+
+def check_output_path(path: Path, *, force: bool) -> None:
+    """Refuse, before any work, an output that exists or whose folder does not."""
+    if not path.parent.exists():
+        raise OutputError(f"output folder {path.parent} does not exist",
+                          hint="create it first, or choose another -o path")
+    if path.exists() and not force:
+        raise OutputError(f"{path} already exists", hint="pass --force to overwrite it")
+
+
+@contextmanager
+def atomic_output(path: Path, *, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; move it into place only if the block succeeds.
+
+    The temporary sits in the destination folder so the final rename is atomic
+    (same file system). On any exception, including KeyboardInterrupt, it is removed.
+    """
+    parent = path.parent
+    if directory:
+        temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=parent))
+        shutil.rmtree(temporary)  # the writer creates it
+    else:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=parent)
+        os.close(handle)
+        temporary = Path(name)
+    try:
+        yield temporary
+        _replace(temporary, path)
+    finally:
+        _remove(temporary)
+
+
+def _replace(source: Path, destination: Path) -> None:
+    if source.is_dir():
+        # A directory cannot atomically replace a non-empty one: move the old aside first.
+        if destination.exists():
+            aside = destination.with_name(f".{destination.name}.old")
+            _remove(aside)
+            destination.rename(aside)
+            source.rename(destination)
+            _remove(aside)
+        else:
+            source.rename(destination)
+    else:
+        if destination.is_dir():
+            shutil.rmtree(destination)
+        os.chmod(source, 0o644)
+        os.replace(source, destination)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def sha256_path(path: Path) -> str:
+    """sha256 of a file, or of a folder (sorted relative paths and contents)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as stream:
+            while chunk := stream.read(CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def size_of(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size

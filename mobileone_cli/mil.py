@@ -1,0 +1,717 @@
+"""Evaluate saved Core ML ML Programs with numpy.
+
+Core ML runs predictions only on Apple platforms, and no tool checks a Core ML
+export numerically anywhere else. This module reads what `coremltools` saved
+in an `.mlpackage` (the MIL program in `Data/com.apple.CoreML/model.mlmodel`
+and its weights in `Data/com.apple.CoreML/weights/weight.bin`) and evaluates
+the program's `main` function op by op, so an export can be compared with the
+torch model it came from.
+
+Arithmetic follows the dtypes the program declares: every op's result is
+rounded once to the dtype of its output. A program converted with
+`compute_precision=FLOAT16` therefore loses precision where the device does.
+Within an op, fp16 convolutions and matrix products accumulate in float32 and
+round the finished sum (bias included) to float16, which is approximately what
+fp16 GPU and Neural Engine hardware does (wide accumulators, fp16 storage);
+mean, softmax, sigmoid and batch_norm are computed in float32 and rounded
+once; elementwise +, -, *, / on fp16 are exact IEEE fp16 (numpy computes them
+in float32 and rounds once, which gives the correctly rounded fp16 result).
+On the test models this matches torch's CPU float16 evaluation bit for bit.
+
+Facts about saved programs this module relies on (coremltools 9):
+
+- Image inputs (`ct.ImageType(scale=..., bias=[...])`): the program's input is
+  an fp32 tensor N x C x H x W with channels in the input's color layout, and
+  the scale and bias are ordinary MIL ops at the top of `main`, a `mul` named
+  `<input>__scaled__` and an `add` named `<input>__biased__`. Evaluating the
+  program on 0-255 pixel values therefore applies the preprocessing the device
+  applies; nothing is stored in the spec's description.
+- Classifiers (`ct.ClassifierConfig(labels)`): the program ends in a
+  `classify` op whose outputs are the spec's `predictedFeatureName` (the top
+  label) and `predictedProbabilitiesName` (Core ML turns it into a dict from
+  label to probability). `run_program` returns, under those names, the index
+  of the top class in the label list and the probability tensor itself, whose
+  entry i belongs to label i.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mobileone_cli.errors import ExportFailedError, UnsupportedOpError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+@dataclass(frozen=True)
+class ProgramSummary:
+    """What a saved ML Program declares: its inputs and outputs, and which ops it runs."""
+
+    function: str
+    """The evaluated function, always `main`."""
+    inputs: tuple[tuple[str, str, tuple[int | str, ...]], ...]
+    """(name, MIL dtype such as `fp32`, shape); an unknown dimension is `"?"`."""
+    outputs: tuple[str, ...]
+    """Output names in program order (equal to the spec's output feature names)."""
+    op_counts: dict[str, int]
+    """Op type -> count, sorted by type; `const` ops (weights and parameters) are not counted."""
+
+
+def summarize_program(package: Path) -> ProgramSummary:
+    """Describe the `main` function of a saved `.mlpackage` without evaluating it."""
+    program = _read_program(package)
+    counts = Counter(op.type for op in program.block.operations if op.type != "const")
+    return ProgramSummary(
+        function=_FUNCTION,
+        inputs=tuple(
+            (named.name, _dtype_name(named.type), _shape(named.type))
+            for named in program.function.inputs
+        ),
+        outputs=tuple(program.block.outputs),
+        op_counts=dict(sorted(counts.items())),
+    )
+
+
+def run_program(package: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Evaluate the main function of a saved ML Program on numpy inputs; returns outputs by name.
+
+    Every input of the program must be given, with its declared shape; values
+    are converted to the declared dtype (as Core ML converts an fp32 array
+    passed to an fp16 input). Outputs come back in their declared dtype. A
+    classifier's label output holds the top class index (0-d int64) and its
+    probabilities output the probability tensor, entry i for label i.
+    Raises `UnsupportedOpError` naming the first op type the evaluator does
+    not know, before any arithmetic is done.
+    """
+    program = _read_program(package)
+    _check_supported(program)
+    values = _bind_inputs(program, inputs)
+    weights = _WeightFiles(program.model_dir)
+    for op in program.block.operations:
+        _evaluate(op, values, weights)
+    return {name: values[name] for name in program.block.outputs}
+
+
+# --- Reading the package ----------------------------------------------------------------
+
+_FUNCTION = "main"
+_MANIFEST = "Manifest.json"
+# Weight paths in the program are written relative to the model file's folder.
+_MODEL_PATH_PREFIX = "@model_path/"
+
+
+@dataclass(frozen=True)
+class _Program:
+    package: Path
+    model_dir: Path
+    function: Any  # MIL_pb2.Function
+    block: Any  # MIL_pb2.Block, the function's body for its opset
+
+
+def _read_program(package: Path) -> _Program:
+    with _quiet_coremltools():
+        from coremltools.proto import Model_pb2
+    from google.protobuf.message import DecodeError
+
+    model_file = _root_model_file(package)
+    spec = Model_pb2.Model()
+    try:
+        spec.ParseFromString(model_file.read_bytes())
+    except (OSError, DecodeError) as error:
+        raise ExportFailedError(
+            f"cannot read the Core ML model {model_file}: {error}",
+            hint="write the package again with coremltools' MLModel.save",
+        ) from error
+    kind = spec.WhichOneof("Type")
+    if kind != "mlProgram":
+        raise ExportFailedError(
+            f"{package} holds a Core ML {kind} model, not an ML Program",
+            hint="convert with convert_to='mlprogram'",
+        )
+    functions = spec.mlProgram.functions
+    if _FUNCTION not in functions:
+        raise ExportFailedError(
+            f"the ML Program in {package} has no '{_FUNCTION}' function "
+            f"(it has: {', '.join(sorted(functions)) or 'none'})"
+        )
+    function = functions[_FUNCTION]
+    return _Program(
+        package=package,
+        model_dir=model_file.parent,
+        function=function,
+        block=function.block_specializations[function.opset],
+    )
+
+
+def _root_model_file(package: Path) -> Path:
+    """The model file the package's manifest names as its root item."""
+    manifest_file = package / _MANIFEST
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ExportFailedError(
+            f"{package} is not a readable .mlpackage: {manifest_file} is missing or malformed",
+            hint="pass the folder written by coremltools' MLModel.save",
+        ) from error
+    return package / "Data" / root
+
+
+@contextmanager
+def _quiet_coremltools() -> Iterator[None]:
+    """Mute the warnings coremltools logs on import (untested torch version, no Core ML runtime)."""
+    logger = logging.getLogger("coremltools")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+# MIL dtype -> _BlobStorageReader method. fp16 comes back as raw uint16 bits.
+_BLOB_READERS = {
+    "fp16": "read_fp16_data",
+    "fp32": "read_float_data",
+    "int8": "read_int8_data",
+    "uint8": "read_uint8_data",
+    "int16": "read_int16_data",
+    "uint16": "read_uint16_data",
+    "int32": "read_int32_data",
+    "uint32": "read_uint32_data",
+}
+
+
+class _WeightFiles:
+    """Opens each weight file once, with coremltools' blob reader (it works off a Mac)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self._model_dir = model_dir
+        self._readers: dict[Path, Any] = {}
+
+    def read(self, file_name: str, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+        import numpy as np
+
+        method = _BLOB_READERS.get(dtype)
+        if method is None:
+            raise UnsupportedOpError(f"cannot read {dtype} weights from {file_name}")
+        flat = getattr(self._reader(file_name), method)(offset)
+        if dtype == "fp16":
+            flat = flat.view(np.float16)
+        return np.asarray(flat).reshape(shape)
+
+    def _reader(self, file_name: str) -> Any:
+        path = self._resolve(file_name)
+        if path not in self._readers:
+            with _quiet_coremltools():
+                from coremltools.libmilstoragepython import _BlobStorageReader
+            self._readers[path] = _BlobStorageReader(str(path))
+        return self._readers[path]
+
+    def _resolve(self, file_name: str) -> Path:
+        relative = file_name.removeprefix(_MODEL_PATH_PREFIX)
+        path = (self._model_dir / relative).resolve()
+        # A weight path that leaves the package is a broken (or hostile) model, not data to read.
+        if not path.is_relative_to(self._model_dir.resolve()) or not path.is_file():
+            raise ExportFailedError(f"weight file {file_name} is missing from the package")
+        return path
+
+
+# --- Types and values -------------------------------------------------------------------
+
+# MIL proto DataType names -> the names MIL itself prints (`fp16`, `int32`, ...).
+_DTYPE_NAMES = {
+    "BOOL": "bool",
+    "STRING": "string",
+    "FLOAT16": "fp16",
+    "FLOAT32": "fp32",
+    "FLOAT64": "fp64",
+    "BFLOAT16": "bf16",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+}
+# MIL dtypes numpy can compute in (the others are storage formats of compressed weights).
+_NUMPY_DTYPES = {
+    "bool": "bool",
+    "fp16": "float16",
+    "fp32": "float32",
+    "fp64": "float64",
+    "int8": "int8",
+    "int16": "int16",
+    "int32": "int32",
+    "int64": "int64",
+    "uint8": "uint8",
+    "uint16": "uint16",
+    "uint32": "uint32",
+    "uint64": "uint64",
+}
+UNKNOWN_DIMENSION = "?"
+
+
+def _dtype_name(value_type: Any) -> str:
+    """The MIL dtype of a tensor ValueType, or the kind of a non-tensor type (`list`, ...)."""
+    from coremltools.proto import MIL_pb2
+
+    kind = value_type.WhichOneof("type")
+    if kind != "tensorType":
+        return str(kind).removesuffix("Type")
+    name = MIL_pb2.DataType.Name(value_type.tensorType.dataType)
+    return _DTYPE_NAMES.get(name, name.lower())
+
+
+def _shape(value_type: Any) -> tuple[int | str, ...]:
+    if value_type.WhichOneof("type") != "tensorType":
+        return ()
+    return tuple(
+        int(dimension.constant.size)
+        if dimension.WhichOneof("dimension") == "constant"
+        else UNKNOWN_DIMENSION
+        for dimension in value_type.tensorType.dimensions
+    )
+
+
+def _numpy_dtype(dtype: str, *, where: str) -> np.dtype[Any]:
+    import numpy as np
+
+    if dtype not in _NUMPY_DTYPES:
+        raise UnsupportedOpError(f"{where} has dtype {dtype}, which the evaluator cannot compute")
+    return np.dtype(_NUMPY_DTYPES[dtype])
+
+
+def _value(value: Any, weights: _WeightFiles, *, where: str) -> Any:
+    """A MIL Value as numpy: tensors as arrays (scalars 0-d), strings as str, lists as list."""
+    kind = value.type.WhichOneof("type")
+    if kind == "listType":
+        return [_value(item, weights, where=where) for item in value.immediateValue.list.values]
+    if kind != "tensorType":
+        raise UnsupportedOpError(f"{where} is a {kind} value, which the evaluator cannot read")
+    dtype = _dtype_name(value.type)
+    shape = _shape(value.type)
+    if UNKNOWN_DIMENSION in shape:
+        raise UnsupportedOpError(f"{where} is a constant of unknown shape {shape}")
+    known_shape = tuple(int(size) for size in shape)
+    if value.WhichOneof("value") == "blobFileValue":
+        blob = value.blobFileValue
+        return weights.read(blob.fileName, blob.offset, dtype, known_shape)
+    return _immediate_tensor(value.immediateValue.tensor, dtype, known_shape, where=where)
+
+
+def _immediate_tensor(tensor: Any, dtype: str, shape: tuple[int, ...], *, where: str) -> Any:
+    import numpy as np
+
+    field = tensor.WhichOneof("value")
+    if field == "strings":
+        strings = [str(item) for item in tensor.strings.values]
+        return strings[0] if shape == () else np.array(strings).reshape(shape)
+    numpy_dtype = _numpy_dtype(dtype, where=where)
+    if field == "bytes":
+        # fp16, int8 and uint8 values are stored as their raw little-endian bytes.
+        return np.frombuffer(tensor.bytes.values, dtype=numpy_dtype).reshape(shape).copy()
+    items = getattr(tensor, str(field)).values  # floats, doubles, ints, longInts, bools
+    return np.array(list(items), dtype=numpy_dtype).reshape(shape)
+
+
+def _bind_inputs(program: _Program, inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    import numpy as np
+
+    expected = {named.name: named.type for named in program.function.inputs}
+    if set(inputs) != set(expected):
+        raise UsageError(
+            f"the program in {program.package} takes inputs {sorted(expected)}, "
+            f"got {sorted(inputs)}"
+        )
+    values: dict[str, Any] = {}
+    for name, value_type in expected.items():
+        array = np.asarray(inputs[name])
+        shape = _shape(value_type)
+        if not _shape_matches(array.shape, shape):
+            raise UsageError(
+                f"input '{name}' has shape {tuple(array.shape)}; the program expects {shape}"
+            )
+        dtype = _numpy_dtype(_dtype_name(value_type), where=f"input '{name}'")
+        values[name] = array.astype(dtype)
+    return values
+
+
+def _shape_matches(actual: tuple[int, ...], declared: tuple[int | str, ...]) -> bool:
+    return len(actual) == len(declared) and all(
+        size == UNKNOWN_DIMENSION or size == got for got, size in zip(actual, declared)
+    )
+
+
+# --- Evaluating ops ---------------------------------------------------------------------
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One op's inputs, already evaluated: each name holds one value, or several for variadics."""
+
+    type: str
+    output: str
+    inputs: Mapping[str, tuple[Any, ...]]
+
+    def arg(self, name: str, default: Any = _REQUIRED) -> Any:
+        if name in self.inputs:
+            return self.inputs[name][0]
+        if default is _REQUIRED:
+            raise ExportFailedError(f"op {self.type} ('{self.output}') has no input '{name}'")
+        return default
+
+    def args(self, name: str) -> tuple[Any, ...]:
+        return self.inputs.get(name, ())
+
+    def ints(self, name: str, default: Sequence[int]) -> tuple[int, ...]:
+        value = self.arg(name, None)
+        return tuple(default) if value is None else tuple(int(item) for item in value)
+
+    def where(self) -> str:
+        return f"op {self.type} (output '{self.output}')"
+
+
+def _check_supported(program: _Program) -> None:
+    for op in program.block.operations:
+        if op.type != "const" and op.type not in _OPS:
+            raise UnsupportedOpError(
+                f"cannot evaluate op '{op.type}' (output '{op.outputs[0].name}') "
+                f"in {program.package}: the numpy evaluator does not implement it",
+                hint=f"ops it implements: const, {', '.join(sorted(_OPS))}",
+            )
+
+
+def _evaluate(op: Any, values: dict[str, Any], weights: _WeightFiles) -> None:
+    """Run one op and store its outputs in `values`, rounded to their declared dtypes."""
+    output = op.outputs[0].name
+    if op.type == "const":
+        # A const op holds its value in the `val` attribute, not in its inputs.
+        values[output] = _value(op.attributes["val"], weights, where=f"const '{output}'")
+        return
+    call = _Op(
+        type=op.type,
+        output=output,
+        inputs={
+            key: tuple(_argument(binding, values, weights, op.type) for binding in arg.arguments)
+            for key, arg in op.inputs.items()
+        },
+    )
+    results = _OPS[op.type](call)
+    if len(op.outputs) == 1:
+        results = (results,)
+    for declared, result in zip(op.outputs, results):
+        values[declared.name] = _conform(result, declared, call)
+
+
+def _argument(binding: Any, values: Mapping[str, Any], weights: _WeightFiles, op_type: str) -> Any:
+    if binding.WhichOneof("binding") == "value":
+        return _value(binding.value, weights, where=f"an immediate input of {op_type}")
+    if binding.name not in values:
+        raise ExportFailedError(f"op {op_type} reads '{binding.name}' before it is defined")
+    return values[binding.name]
+
+
+def _conform(result: Any, declared: Any, op: _Op) -> Any:
+    """Round a tensor result to its declared dtype and check its shape against the program's."""
+    import numpy as np
+
+    dtype = _dtype_name(declared.type)
+    if dtype not in _NUMPY_DTYPES:
+        return result  # strings, dicts: only the classify op makes them
+    array = np.asarray(result).astype(_NUMPY_DTYPES[dtype], copy=False)
+    shape = _shape(declared.type)
+    if not _shape_matches(array.shape, shape):
+        # The evaluator and coremltools disagree about the op: a bug, never a silent pass.
+        raise ExportFailedError(
+            f"{op.where()} evaluated to shape {tuple(array.shape)}, "
+            f"but the program declares {shape}"
+        )
+    return array
+
+
+def _float32(*arrays: np.ndarray) -> list[np.ndarray]:
+    """Widen fp16 operands to float32, the accumulator of fp16 hardware; fp32 stays as is."""
+    import numpy as np
+
+    return [np.asarray(array).astype(np.promote_types(array.dtype, np.float32)) for array in arrays]
+
+
+# Elementwise: numpy on two fp16 arrays computes in float32 and rounds once, i.e. exact IEEE fp16.
+def _add(op: _Op) -> np.ndarray:
+    return op.arg("x") + op.arg("y")
+
+
+def _sub(op: _Op) -> np.ndarray:
+    return op.arg("x") - op.arg("y")
+
+
+def _mul(op: _Op) -> np.ndarray:
+    return op.arg("x") * op.arg("y")
+
+
+def _real_div(op: _Op) -> np.ndarray:
+    return op.arg("x") / op.arg("y")
+
+
+def _relu(op: _Op) -> np.ndarray:
+    import numpy as np
+
+    x = op.arg("x")
+    return np.maximum(x, np.zeros((), dtype=x.dtype))
+
+
+def _sigmoid(op: _Op) -> np.ndarray:
+    import numpy as np
+
+    (x,) = _float32(op.arg("x"))
+    # The tanh form never overflows, unlike 1 / (1 + exp(-x)) for large negative x.
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def _softmax(op: _Op) -> np.ndarray:
+    import numpy as np
+
+    (x,) = _float32(op.arg("x"))
+    axis = int(op.arg("axis", -1))
+    exponentials = np.exp(x - x.max(axis=axis, keepdims=True))
+    return exponentials / exponentials.sum(axis=axis, keepdims=True)
+
+
+def _cast(op: _Op) -> np.ndarray:
+    import numpy as np
+
+    dtype = _numpy_dtype(str(op.arg("dtype")), where=op.where())
+    return np.asarray(op.arg("x")).astype(dtype)
+
+
+def _reduce_mean(op: _Op) -> np.ndarray:
+    import numpy as np
+
+    (x,) = _float32(op.arg("x"))
+    axes = op.arg("axes", None)
+    axis = None if axes is None else tuple(int(item) for item in axes)
+    return np.mean(x, axis=axis, keepdims=bool(op.arg("keep_dims", False)))
+
+
+def _batch_norm(op: _Op) -> np.ndarray:
+    import numpy as np
+
+    x, mean, variance = _float32(op.arg("x"), op.arg("mean"), op.arg("variance"))
+    gamma = op.arg("gamma", None)
+    beta = op.arg("beta", None)
+    epsilon = float(op.arg("epsilon", 1e-5))
+    # Statistics are per channel, axis 1: give them trailing unit axes to broadcast.
+    channel = (-1,) + (1,) * (x.ndim - 2)
+    scale = 1.0 / np.sqrt(variance + epsilon)
+    if gamma is not None:
+        scale = scale * gamma.astype(np.float32)
+    shift = -mean * scale
+    if beta is not None:
+        shift = shift + beta.astype(np.float32)
+    return x * scale.reshape(channel) + shift.reshape(channel)
+
+
+def _linear(op: _Op) -> np.ndarray:
+    x, weight = _float32(op.arg("x"), op.arg("weight"))
+    result = x @ weight.T
+    bias = op.arg("bias", None)
+    if bias is not None:
+        result = result + _float32(bias)[0]
+    return result
+
+
+def _matmul(op: _Op) -> np.ndarray:
+    import numpy as np
+
+    x, y = _float32(op.arg("x"), op.arg("y"))
+    if bool(op.arg("transpose_x", False)):
+        x = np.swapaxes(x, -1, -2)
+    if bool(op.arg("transpose_y", False)):
+        y = np.swapaxes(y, -1, -2)
+    return np.matmul(x, y)
+
+
+def _conv(op: _Op) -> np.ndarray:
+    import numpy as np
+
+    # fp16 operands are widened: the sum accumulates in float32 and `_conform` rounds it to
+    # fp16 once, as fp16 hardware roughly does, instead of rounding after every addition.
+    x, weight = _float32(op.arg("x"), op.arg("weight"))
+    spatial = x.ndim - 2
+    groups = int(op.arg("groups", 1))
+    kernel = weight.shape[2:]
+    strides = op.ints("strides", (1,) * spatial)
+    dilations = op.ints("dilations", (1,) * spatial)
+    pads = _padding(op, x.shape[2:], kernel, strides, dilations)
+    windows = _windows(x, kernel, strides, dilations, pads)  # N, C, *out, *kernel
+    batch, channels = x.shape[:2]
+    out_shape = windows.shape[2 : 2 + spatial]
+    windows = windows.reshape(batch, groups, channels // groups, *windows.shape[2:])
+    weight = weight.reshape(groups, weight.shape[0] // groups, *weight.shape[1:])
+    out_axes, kernel_axes = "xyz"[:spatial], "ijk"[:spatial]
+    result = np.einsum(
+        f"ngc{out_axes}{kernel_axes},goc{kernel_axes}->ngo{out_axes}",
+        windows,
+        weight,
+        optimize=True,
+    ).reshape(batch, -1, *out_shape)
+    bias = op.arg("bias", None)
+    if bias is not None:
+        result = result + _float32(bias)[0].reshape((-1,) + (1,) * spatial)
+    return result
+
+
+def _avg_pool(op: _Op) -> np.ndarray:
+    import numpy as np
+
+    (x,) = _float32(op.arg("x"))
+    if bool(op.arg("ceil_mode", False)):
+        raise UnsupportedOpError(f"{op.where()} uses ceil_mode, which the evaluator lacks")
+    spatial = x.ndim - 2
+    kernel = op.ints("kernel_sizes", ())
+    strides = op.ints("strides", (1,) * spatial)
+    dilations = (1,) * spatial
+    pads = _padding(op, x.shape[2:], kernel, strides, dilations)
+    window_axes = tuple(range(-spatial, 0))
+    sums = _windows(x, kernel, strides, dilations, pads).sum(axis=window_axes)
+    if bool(op.arg("exclude_padding_from_average", False)):
+        ones = np.ones((1, 1, *x.shape[2:]), dtype=np.float32)
+        counts = _windows(ones, kernel, strides, dilations, pads).sum(axis=window_axes)
+        return sums / counts
+    return sums / math.prod(kernel)
+
+
+def _padding(
+    op: _Op,
+    size: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+) -> list[tuple[int, int]]:
+    """(before, after) padding of each spatial axis, from MIL's pad_type and pad."""
+    pad_type = str(op.arg("pad_type", "valid"))
+    if pad_type == "valid":
+        return [(0, 0)] * len(size)
+    if pad_type == "custom":
+        pad = op.ints("pad", (0,) * 2 * len(size))
+        return [(pad[2 * axis], pad[2 * axis + 1]) for axis in range(len(size))]
+    if pad_type not in ("same", "same_lower"):
+        raise UnsupportedOpError(f"{op.where()} has pad_type '{pad_type}'")
+    pads = []
+    for length, extent, stride, dilation in zip(size, kernel, strides, dilations):
+        # As coremltools' aggregated_pad: pad so the output has ceil(length / stride) positions.
+        dilated = (extent - 1) * dilation + 1
+        total = max(0, (math.ceil(length / stride) - 1) * stride + dilated - length)
+        # "same" puts the odd extra element after, "same_lower" before.
+        before = total // 2 if pad_type == "same" else total - total // 2
+        pads.append((before, total - before))
+    return pads
+
+
+def _windows(
+    x: np.ndarray,
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    pads: Sequence[tuple[int, int]],
+) -> np.ndarray:
+    """A view N, C, *out, *kernel of the zero-padded input: every window a conv or pool sees."""
+    import numpy as np
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    view = np.pad(x, [(0, 0), (0, 0), *pads])
+    for axis, (extent, dilation) in enumerate(zip(kernel, dilations), start=2):
+        # Each call appends one window axis at the end: N, C, *out, *kernel once done.
+        view = sliding_window_view(view, (extent - 1) * dilation + 1, axis=axis)
+    positions = tuple(slice(None, None, stride) for stride in strides)
+    taps = tuple(slice(None, None, dilation) for dilation in dilations)
+    return view[(slice(None), slice(None), *positions, *taps)]
+
+
+def _reshape(op: _Op) -> np.ndarray:
+    x = op.arg("x")
+    shape = [int(size) for size in op.arg("shape")]
+    # A 0 copies the dimension of x at the same place counted from the right (1 if there is
+    # none): iOS 17's rule, which is iOS 15's whenever the ranks agree. -1 is inferred.
+    offset = x.ndim - len(shape)
+    resolved = [
+        size if size != 0 else (x.shape[index + offset] if index + offset >= 0 else 1)
+        for index, size in enumerate(shape)
+    ]
+    return x.reshape(resolved)
+
+
+def _squeeze(op: _Op) -> np.ndarray:
+    import numpy as np
+
+    axes = op.arg("axes", None)
+    axis = None if axes is None else tuple(int(item) for item in axes)
+    return np.squeeze(op.arg("x"), axis=axis)
+
+
+def _expand_dims(op: _Op) -> np.ndarray:
+    import numpy as np
+
+    # MIL axes, like numpy's, index the output, so negative axes count from its end.
+    return np.expand_dims(op.arg("x"), tuple(int(item) for item in op.arg("axes")))
+
+
+def _transpose(op: _Op) -> np.ndarray:
+    import numpy as np
+
+    return np.transpose(op.arg("x"), tuple(int(item) for item in op.arg("perm")))
+
+
+def _concat(op: _Op) -> np.ndarray:
+    import numpy as np
+
+    if bool(op.arg("interleave", False)):
+        raise UnsupportedOpError(f"{op.where()} interleaves, which the evaluator lacks")
+    return np.concatenate(op.args("values"), axis=int(op.arg("axis")))
+
+
+def _classify(op: _Op) -> tuple[np.ndarray, np.ndarray]:
+    """(top label index, probabilities): the two outputs Core ML turns into label and dict."""
+    import numpy as np
+
+    probabilities = op.arg("probabilities")
+    # coremltools requires as many classes as probabilities, so the tensor is one row.
+    return np.asarray(np.argmax(probabilities.reshape(-1))), probabilities
+
+
+_OPS: dict[str, Callable[[_Op], Any]] = {
+    "add": _add,
+    "avg_pool": _avg_pool,
+    "batch_norm": _batch_norm,
+    "cast": _cast,
+    "classify": _classify,
+    "concat": _concat,
+    "conv": _conv,
+    "expand_dims": _expand_dims,
+    "linear": _linear,
+    "matmul": _matmul,
+    "mul": _mul,
+    "real_div": _real_div,
+    "reduce_mean": _reduce_mean,
+    "relu": _relu,
+    "reshape": _reshape,
+    "sigmoid": _sigmoid,
+    "softmax": _softmax,
+    "squeeze": _squeeze,
+    "sub": _sub,
+    "transpose": _transpose,
+}

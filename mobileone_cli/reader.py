@@ -1,0 +1,309 @@
+"""Read a checkpoint file safely and return the flat tensor state dict it holds.
+
+Nothing in a file may run code: its pickle opcodes are read to list every global it
+names, then torch's weights-only unpickler loads it. Harmless extras (training args,
+numpy values, mmengine logs) become inert stand-ins; any other global refuses the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import pickletools
+import re
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mobileone_cli.errors import BadCheckpointError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    StateDict = dict[str, torch.Tensor]
+
+CHUNK = 1 << 20
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = 0x80
+_PLAIN_KEYS = ("state_dict", "model", "module")
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict")
+_MAX_DEPTH = 3
+# `backbone.` is not here: it is part of the OpenMMLab layout, not a wrapper.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.", "encoder.")
+_EXTRA_NAMES = frozenset({
+    "argparse.Namespace", "pathlib.PosixPath", "pathlib.WindowsPath",
+    "pathlib._local.PosixPath", "pathlib._local.WindowsPath",  # their module since Python 3.13
+})
+_EXTRA_PREFIXES = ("numpy.", "mmengine.")
+# torch fills only real dicts from SETITEMS, so dict subclasses need a dict stand-in.
+_MAPPING_EXTRAS = frozenset({"mmengine.config.config.ConfigDict"})
+_MODEL_PREFIX = "torch.nn.modules."
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (.+?) (?:was not an allowed global|whose module)", re.DOTALL)
+_FETCH_AGAIN = "the download or copy may have failed; fetch the file again"
+_SAVE_STATE_DICT = "save the weights with torch.save(model.state_dict(), path) and pass that file"
+
+
+@dataclass(frozen=True)
+class RawCheckpoint:
+    """The tensors of a checkpoint file and where in the file they were found."""
+
+    path: Path
+    sha256: str
+    file_format: str
+    state: StateDict
+    container_key: str | None
+    stripped_prefixes: tuple[str, ...]
+    skipped_extras: tuple[str, ...]
+    metadata: dict[str, str]
+    has_ema: bool
+
+
+class _InertPlaceholder:
+    """Stands in for an allowed pickled global: takes any arguments, keeps and does nothing.
+
+    No `__new__` is needed: object.__new__ ignores extra arguments when `__init__` is overridden.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, *args: object, **kwargs: object) -> None: ...
+    def __setstate__(self, state: object) -> None: ...
+    def __call__(self, *args: object, **kwargs: object) -> None: ...
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: Path, *, ema: bool = False) -> RawCheckpoint:
+    """Read `path` without running anything in it and return its flat state dict.
+
+    Raises BadCheckpointError for a missing, damaged, unsafe or weightless file, and
+    UsageError when `ema` asks for an EMA copy the file does not hold.
+    """
+    file_format = _detect_format(path)
+    sha256 = sha256_file(path)
+    extras: tuple[str, ...] = ()
+    metadata: dict[str, str] = {}
+    container, has_ema = None, False
+    if file_format == "safetensors":  # never pickled, never wrapped
+        if ema:
+            raise UsageError(f"{path} has no EMA weights",
+                             hint="a safetensors file holds one set of weights; drop --ema")
+        state, metadata = _read_safetensors(path)
+    else:
+        loaded, extras = _load_torch(path, zipped=file_format == "torch-zip")
+        state, container, has_ema = _unwrap(loaded, path=path, ema=ema)
+    state, prefixes = _strip_prefixes(state)
+    return RawCheckpoint(path=path, sha256=sha256, file_format=file_format, state=state,
+                         container_key=container, stripped_prefixes=prefixes,
+                         skipped_extras=extras, metadata=metadata, has_ema=has_ema)
+
+
+def _detect_format(path: Path) -> str:
+    """Name the format from the first bytes; extensions lie (.bin, .pth.tar, renamed files)."""
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(9)
+    except OSError as error:  # missing, a directory, no permission...
+        raise BadCheckpointError(f"cannot read {path} ({error.strerror})",
+                                 hint="check the path and the file's permissions") from None
+    if not head:
+        raise BadCheckpointError(f"{path} is empty", hint=_FETCH_AGAIN)
+    if head.startswith(_ZIP_MAGIC):
+        return "torch-zip"
+    if head[0] == _PICKLE_PROTO:
+        return "torch-legacy"
+    if head[8:9] == b"{":  # 8-byte little-endian header length, then the JSON header
+        return "safetensors"
+    raise BadCheckpointError(
+        f"{path} is not a PyTorch or safetensors checkpoint (unrecognised content)",
+        hint="mobileone reads files written by torch.save (.pth, .pth.tar, .pt, .bin) "
+             "and .safetensors files")
+
+
+def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            names = handle.keys()
+            state = {name: handle.get_tensor(name) for name in names}
+    except (SafetensorError, OSError) as error:
+        raise BadCheckpointError(f"{path} is not a valid safetensors file ({error})",
+                                 hint=_FETCH_AGAIN) from None
+    return state, metadata
+
+
+def _load_torch(path: Path, *, zipped: bool) -> tuple[Any, tuple[str, ...]]:
+    """torch.load with weights_only, allowed extras registered as inert stand-ins."""
+    import torch
+
+    found = _zip_globals(path) if zipped else _legacy_globals(path)
+    extras = sorted(name for name in found
+                    if name in _EXTRA_NAMES or name.startswith(_EXTRA_PREFIXES))
+    # torch's zip scan lists only what it would refuse, so all of it can be named up front;
+    # the legacy scan lists every global, and torch names the first it refuses.
+    refused = sorted(found - set(extras)) if zipped else []
+    if refused:
+        raise _unsafe(path, refused)
+    stand_ins: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+        (OrderedDict if name in _MAPPING_EXTRAS else _InertPlaceholder, name) for name in extras]
+    try:
+        with torch.serialization.safe_globals(stand_ins), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's pickle-protocol chatter
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        match = _REFUSED_GLOBAL.search(str(error))
+        if match is None:
+            raise _unreadable(path, _reason(error)) from None
+        name = match.group(1) if "." in match.group(1) else f"builtins.{match.group(1)}"
+        models = {other for other in found if other.startswith(_MODEL_PREFIX)}
+        raise _unsafe(path, sorted({name} | models)) from None
+    except Exception as error:  # noqa: BLE001 - damaged files raise all kinds; none is a bug here
+        raise _corrupt(path, f"torch {type(error).__name__}: {_reason(error)}") from None
+    return loaded, tuple(extras)
+
+
+def _zip_globals(path: Path) -> set[str]:
+    """Globals torch would refuse, found by reading pickle opcodes, never by unpickling."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    try:
+        return set(get_unsafe_globals_in_checkpoint(path))
+    except ValueError as error:
+        if "torchscript" in str(error):
+            raise BadCheckpointError(f"{path} is a TorchScript archive, not a checkpoint",
+                                     hint=_SAVE_STATE_DICT) from None
+        raise _corrupt(path, _reason(error)) from None
+    except RuntimeError as error:  # from miniz: a cut-off archive, or a zip torch did not write
+        cut_off = "central directory" in str(error)
+        detail = "zip archive is incomplete" if cut_off else f"unreadable zip: {_reason(error)}"
+        raise _corrupt(path, detail) from None
+    except (pickle.UnpicklingError, EOFError) as error:
+        # The scanner knows the same opcodes as the weights-only unpickler, so it would fail too.
+        raise _unreadable(path, _reason(error)) from None
+
+
+def _legacy_globals(path: Path) -> set[str]:
+    """Every global in the four pickles of a non-zip torch file (torch scans only zip files).
+
+    Scanning first also catches truncation, which torch would report as a refused global.
+    """
+    found = set()
+    with path.open("rb") as stream:
+        for _ in range(4):
+            if not stream.peek(1):
+                break  # fewer pickles than torch.save writes: torch.load says what is wrong
+            try:
+                for opcode, argument, _ in pickletools.genops(stream):
+                    if opcode.name in ("GLOBAL", "INST"):  # argument is "module name"
+                        found.add(str(argument).replace(" ", "."))
+            except (ValueError, MemoryError):  # MemoryError: a damaged length field
+                detail = "pickle stream ends early" if not stream.peek(1) else "damaged pickle"
+                raise _corrupt(path, detail) from None
+    return found
+
+
+def _unsafe(path: Path, names: list[str]) -> BadCheckpointError:
+    models = [name for name in names if name.startswith(_MODEL_PREFIX)]
+    if models:
+        return BadCheckpointError(
+            f"{path} holds a pickled model object ({_listing(models)}), not a state dict; "
+            "nothing in the file was executed",
+            hint="load it where its class is defined and " + _SAVE_STATE_DICT)
+    return BadCheckpointError(
+        f"{path} refers to code mobileone will not load ({_listing(names)}); "
+        "nothing in the file was executed",
+        hint="a checkpoint should hold only tensors and plain data; if you trust its "
+             "source, load it in Python and " + _SAVE_STATE_DICT)
+
+
+def _unreadable(path: Path, reason: str) -> BadCheckpointError:
+    return BadCheckpointError(
+        f"{path} cannot be read safely ({reason})",
+        hint=f"the file may be damaged, or written with pickle_protocol > 2; {_SAVE_STATE_DICT}")
+
+
+def _corrupt(path: Path, detail: str) -> BadCheckpointError:
+    return BadCheckpointError(f"{path} is truncated or not a checkpoint ({detail})",
+                              hint=_FETCH_AGAIN)
+
+
+def _reason(error: BaseException) -> str:
+    """The informative line of a torch error, without its boilerplate paragraphs."""
+    paragraphs = [part.strip() for part in str(error).split("\n\n")
+                  if part.strip() and not part.strip().startswith("Check the documentation")]
+    if not paragraphs:
+        return type(error).__name__
+    return paragraphs[-1].splitlines()[-1].strip()
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
+def _unwrap(loaded: Any, *, path: Path, ema: bool) -> tuple[StateDict, str | None, bool]:
+    """Pick the plain (or EMA) state dict out of what torch.load returned."""
+    candidates = dict(_candidates(loaded, trail=()))
+    averaged = [trail for trail in candidates if set(trail) & set(_EMA_KEYS)]
+    plain = [trail for trail in candidates if trail not in averaged]
+    if not candidates:
+        raise BadCheckpointError(
+            f"{path} holds no state dict (top-level keys: {_top_level_keys(loaded)})",
+            hint="expected a mapping of names to tensors, bare or under one of "
+                 + ", ".join(_PLAIN_KEYS + _EMA_KEYS))
+    if ema and not averaged:
+        found = ("it is a bare state dict" if plain == [()]
+                 else f"its top-level keys are {_top_level_keys(loaded)}")
+        raise UsageError(f"{path} has no EMA weights",
+                         hint=f"{found}; drop --ema to use the plain weights")
+    # A file holding only an EMA copy has no other weights to use; container_key says so.
+    chosen = averaged[0] if ema else (plain or averaged)[0]
+    return candidates[chosen], ".".join(chosen) or None, bool(plain and averaged)
+
+
+def _candidates(node: Any, *, trail: tuple[str, ...]) -> list[tuple[tuple[str, ...], StateDict]]:
+    """State dicts reachable through container keys, in order of preference."""
+    import torch
+
+    if not isinstance(node, Mapping):
+        return []
+    found = []
+    if len(trail) < _MAX_DEPTH:
+        for key in _PLAIN_KEYS + _EMA_KEYS:
+            found += _candidates(node.get(key), trail=(*trail, key))
+    # Once a container matched, a wrapper's own tensors (e.g. a `best_acc`) are not weights.
+    tensors = {key: value for key, value in node.items()
+               if isinstance(key, str) and isinstance(value, torch.Tensor)}
+    return found if found or not tensors else [(trail, tensors)]
+
+
+def _top_level_keys(loaded: Any) -> str:
+    if isinstance(loaded, Mapping):
+        return _listing([str(key) for key in loaded], limit=12) or "none"
+    return f"none, it holds a {type(loaded).__name__}"
+
+
+def _strip_prefixes(state: StateDict) -> tuple[StateDict, tuple[str, ...]]:
+    """Remove wrapper prefixes (DDP, torch.compile, ...) while every key shares one."""
+    stripped: list[str] = []
+    while state:
+        prefix = next((candidate for candidate in _WRAPPER_PREFIXES
+                       if all(key.startswith(candidate) and len(key) > len(candidate)
+                              for key in state)), None)
+        if prefix is None:
+            break
+        state = {key[len(prefix):]: value for key, value in state.items()}
+        stripped.append(prefix)
+    return state, tuple(stripped)

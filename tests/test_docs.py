@@ -1,0 +1,83 @@
+"""The README's command reference is checked against the real CLI, so it cannot drift."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from mobileone_cli import errors
+from mobileone_cli.cli import main
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+CHANGELOG = (Path(__file__).resolve().parent.parent / "CHANGELOG.md").read_text()
+
+
+def section(command: str) -> str:
+    match = re.search(rf"^### mobileone {command}\n(.*?)(?=^##)", README, re.S | re.M)
+    assert match, f"README has no '### mobileone {command}' section"
+    return match.group(1)
+
+
+def documented_json_keys(command: str) -> set[str]:
+    match = re.search(r"JSON keys: (.*?)(?:\n\n|$)", section(command), re.S)
+    assert match, f"the README section of {command} documents no JSON keys"
+    return set(re.findall(r"`([a-z0-9_]+)`", match.group(1)))
+
+
+def all_keys(value: Any) -> Iterator[str]:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield key
+            yield from all_keys(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from all_keys(inner)
+
+
+@pytest.mark.parametrize("name", sorted(main.commands))
+def test_every_command_and_option_is_documented(name: str) -> None:
+    text = section(name)
+    command = main.commands[name]
+    assert command.help, f"{name} has no help text"
+    for parameter in command.params:
+        if isinstance(parameter, click.Option):
+            assert any(opt in text for opt in parameter.opts), f"{name}: {parameter.opts} undocumented"
+
+
+def _json_of(*args: str) -> dict[str, Any]:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_documented_json_keys_are_the_emitted_ones(s0_checkpoint: Path, tmp_path: Path) -> None:
+    emitted = {
+        "inspect": _json_of("inspect", str(s0_checkpoint), "--json"),
+        "fold": _json_of("fold", str(s0_checkpoint), "-o", str(tmp_path / "s0.safetensors"),
+                         "--input-size", "64", "--json"),
+    }
+    for command, payload in emitted.items():
+        documented = documented_json_keys(command)
+        if "every key of `inspect`" in section(command):
+            documented = (documented - {"inspect"}) | documented_json_keys("inspect")
+        assert set(payload) <= documented, (command, set(payload) - documented)
+        assert documented <= set(all_keys(payload)), (command, documented - set(all_keys(payload)))
+
+
+def test_exit_codes_table_matches_the_code() -> None:
+    table = dict(re.findall(r"^\| (\d+) \| (\w+)", README, re.M))
+    codes = {errors.EXIT_OK: "success", errors.EXIT_BAD_INPUT: "bad",
+             errors.EXIT_USAGE: "usage", errors.EXIT_VERIFICATION_FAILED: "verification",
+             errors.EXIT_EXPORT_FAILED: "export", 130: "interrupted"}
+    assert {int(code): word for code, word in table.items()} == codes
+
+
+def test_changelog_has_an_unreleased_section() -> None:
+    assert "## [Unreleased]" in CHANGELOG
