@@ -7,7 +7,7 @@ renders the result; Python users call the same functions. Nothing here prints.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
     from mobileone_cli.checkpoint import LoadedCheckpoint
+    from mobileone_cli.verify import ReferenceRun
 
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -190,7 +191,9 @@ def fold_checkpoint(options: FoldOptions) -> FoldResult:
 
     check_output_path(options.output, force=options.force)
     loaded = load_checkpoint(options.checkpoint, ema=options.ema)
-    folded_state, verification = fold_and_verify(loaded, options)
+    folded = fold_and_verify(loaded, rtol=options.rtol, inputs_dir=options.inputs_dir,
+                             input_size=options.input_size)
+    folded_state, verification = folded.state, folded.verification
     output_layout = options.layout or loaded.layout
     summary = summarize(loaded)
     if not verification.passed:
@@ -214,20 +217,38 @@ def fold_checkpoint(options: FoldOptions) -> FoldResult:
                       outputs=(artifact,))
 
 
+@dataclass(frozen=True)
+class FoldedModel:
+    """A checkpoint folded and proven: the folded state and the reference it was checked on."""
+
+    loaded: LoadedCheckpoint
+    state: dict[str, torch.Tensor]
+    reference: ReferenceRun
+    verification: Verification
+
+    def build(self) -> torch.nn.Module:
+        from mobileone_cli.model import build_model
+
+        return build_model(self.loaded.spec.folded(), self.state)
+
+
 def fold_and_verify(
-    loaded: LoadedCheckpoint, options: FoldOptions
-) -> tuple[dict[str, torch.Tensor], Verification]:
+    loaded: LoadedCheckpoint,
+    *,
+    rtol: float | None = None,
+    inputs_dir: Path | None = None,
+    input_size: int = DEFAULT_INPUT_SIZE,
+) -> FoldedModel:
     from mobileone_cli.fold import fold_state
-    from mobileone_cli.model import build_model
     from mobileone_cli.verify import compare, default_inputs, image_inputs, run_reference, torch_candidate
 
     folded_state = fold_state(loaded.spec, loaded.state)
-    batches = (image_inputs(options.inputs_dir, size=options.input_size)
-               if options.inputs_dir else default_inputs(options.input_size))
+    batches = image_inputs(inputs_dir, size=input_size) if inputs_dir else default_inputs(input_size)
     reference = run_reference(loaded.spec, loaded.state, batches)
-    folded_model = build_model(loaded.spec.folded(), folded_state)
-    verification = compare(reference, torch_candidate(folded_model), rtol=options.rtol)
-    return folded_state, verification
+    folded = FoldedModel(loaded=loaded, state=folded_state, reference=reference,
+                         verification=None)  # type: ignore[arg-type]
+    verification = compare(reference, torch_candidate(folded.build()), rtol=rtol)
+    return replace(folded, verification=verification)
 
 
 def file_metadata(

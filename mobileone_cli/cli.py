@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 import traceback
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -42,9 +43,41 @@ class MobileOneGroup(click.Group):
             ctx.exit(EXIT_INTERRUPTED)
 
 
+def run_and_render(ctx: click.Context, *, json_mode: bool, activity: str,
+                   call: Callable[..., Any], render: Callable[[Terminal, Any], None]) -> None:
+    """The one shape of every command: call the core, print JSON or tables, exit with its code.
+
+    `call` receives a progress callback that updates the spinner's text.
+    """
+    terminal = Terminal(json_mode=json_mode)
+    with terminal.progress(activity) as update:
+        result = call(update)
+    if json_mode:
+        terminal.emit_json(result.to_dict())
+    else:
+        render(terminal, result)
+    ctx.exit(result.exit_code)
+
+
 def json_option(function: Any) -> Any:
     return click.option("--json", "json_mode", is_flag=True,
                         help="Print exactly one JSON object on stdout and nothing else there.")(function)
+
+
+def fold_options(function: Any) -> Any:
+    """The verification options every command that folds shares."""
+    for option in reversed((
+        click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="Largest max|candidate - train| / max|train| that passes "
+                          f"[default: {AUTO_TOLERANCE}; fp16 Core ML: its own fp16 floor]."),
+        click.option("--inputs", "inputs_dir", type=EXISTING_FOLDER,
+                     help="Verify on your own images (a folder of jpg/png) instead of seeded noise."),
+        click.option("--input-size", type=click.IntRange(min=32), default=DEFAULT_INPUT_SIZE,
+                     show_default=True, help="Side of the square inputs (and of static exports)."),
+        click.option("--ema", is_flag=True, help="Use the EMA copy of the weights."),
+    )):
+        function = option(function)
+    return function
 
 
 def _silence_third_party() -> None:
@@ -78,33 +111,23 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.argument("checkpoint", type=EXISTING_FILE)
 @click.option("--ema", is_flag=True, help="Read the EMA copy of the weights.")
 @json_option
-def inspect_command(checkpoint: Path, ema: bool, json_mode: bool) -> None:
+@click.pass_context
+def inspect_command(ctx: click.Context, checkpoint: Path, ema: bool, json_mode: bool) -> None:
     """Show layout, variant, architecture and parameters of CHECKPOINT."""
     from mobileone_cli.api import inspect_checkpoint
 
-    terminal = Terminal(json_mode=json_mode)
-    with terminal.progress("reading checkpoint"):
-        summary = inspect_checkpoint(checkpoint, ema=ema)
-    if json_mode:
-        terminal.emit_json(summary.to_dict())
-    else:
-        terminal.model_summary(summary)
+    run_and_render(ctx, json_mode=json_mode, activity="reading checkpoint",
+                   call=lambda update: inspect_checkpoint(checkpoint, ema=ema),
+                   render=Terminal.model_summary)
 
 
 @main.command("fold")
 @click.argument("checkpoint", type=EXISTING_FILE)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the folded .safetensors file.")
-@click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Largest max|folded - train| / max|train| that passes verification "
-                   f"[default: {AUTO_TOLERANCE}].")
-@click.option("--inputs", "inputs_dir", type=EXISTING_FOLDER,
-              help="Verify on your own images (a folder of jpg/png) instead of seeded noise.")
-@click.option("--input-size", type=click.IntRange(min=32), default=DEFAULT_INPUT_SIZE,
-              show_default=True, help="Side of the square verification inputs.")
+@fold_options
 @click.option("--layout", type=click.Choice(LAYOUTS),
               help="Key naming of the output (default: the checkpoint's own).")
-@click.option("--ema", is_flag=True, help="Fold the EMA copy of the weights.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @json_option
 @click.pass_context
@@ -116,14 +139,97 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
 
     options = FoldOptions(checkpoint=checkpoint, output=output, rtol=rtol, inputs_dir=inputs_dir,
                           input_size=input_size, layout=layout, ema=ema, force=force)
-    terminal = Terminal(json_mode=json_mode)
-    with terminal.progress("folding and verifying"):
-        result = fold_checkpoint(options)
-    if json_mode:
-        terminal.emit_json(result.to_dict())
-    else:
-        terminal.fold_result(result)
-    ctx.exit(result.exit_code)
+    run_and_render(ctx, json_mode=json_mode, activity="folding and verifying",
+                   call=lambda update: fold_checkpoint(options), render=Terminal.fold_result)
+
+
+@main.command("export")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--to", "target", required=True,
+              type=click.Choice(["onnx", "coreml", "safetensors", "all"]),
+              help="Format to write; `all` writes safetensors, ONNX and Core ML side by side.")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="File (one format) or folder (--to all); default derived from the variant.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@fold_options
+@click.option("--layout", type=click.Choice(LAYOUTS),
+              help="Key naming of the safetensors file (default: the checkpoint's own).")
+@click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True,
+              help="ONNX opset.")
+@click.option("--dynamic-batch", is_flag=True, help="ONNX: symbolic batch axis.")
+@click.option("--dynamic-size", is_flag=True, help="ONNX: symbolic height and width.")
+@click.option("--no-simplify", is_flag=True, help="ONNX: skip onnxsim.")
+@click.option("--target", "coreml_target", default="iOS16", show_default=True,
+              help="Core ML minimum deployment target (iOS15 or newer).")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16",
+              show_default=True, help="Core ML compute precision.")
+@click.option("--image-input", is_flag=True,
+              help="Core ML: an image input (camera frames), normalisation folded into the model.")
+@click.option("--labels", "labels_file", type=EXISTING_FILE,
+              help="Core ML: make a classifier with these labels (one a line).")
+@click.option("--description", help="Core ML: short description.")
+@click.option("--model-version", help="Core ML: model version string.")
+@click.option("--author", help="Core ML: author.")
+@click.option("--license", "license_text", help="Core ML: license.")
+@json_option
+@click.pass_context
+def export_command(ctx: click.Context, source: Path, target: str, output: Path | None,
+                   force: bool, rtol: float | None, inputs_dir: Path | None, input_size: int,
+                   ema: bool, layout: str | None, opset: int, dynamic_batch: bool,
+                   dynamic_size: bool, no_simplify: bool, coreml_target: str, precision: str,
+                   image_input: bool, labels_file: Path | None, description: str | None,
+                   model_version: str | None, author: str | None, license_text: str | None,
+                   json_mode: bool) -> None:
+    """Export SOURCE to ONNX and/or Core ML, each verified against the train-time model.
+
+    SOURCE is a train-time checkpoint (folded and verified on the way) or a
+    safetensors file written by `mobileone fold`.
+    """
+    from mobileone_cli.export.coreml import CoreMLOptions
+    from mobileone_cli.export.onnx import OnnxOptions
+    from mobileone_cli.exporting import FORMATS, ExportOptions, export_model
+
+    options = ExportOptions(
+        source=source, formats=FORMATS if target == "all" else (target,), output=output,
+        force=force, rtol=rtol, inputs_dir=inputs_dir, input_size=input_size, ema=ema,
+        layout=layout, labels_file=labels_file,
+        onnx=OnnxOptions(opset=opset, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size,
+                         simplify=not no_simplify),
+        coreml=CoreMLOptions(target=coreml_target, precision=precision, image_input=image_input,
+                             description=description, version=model_version, author=author,
+                             license=license_text),
+    )
+    run_and_render(ctx, json_mode=json_mode, activity="exporting",
+                   call=lambda update: export_model(options, progress=update),
+                   render=Terminal.export_result)
+
+
+@main.command("verify")
+@click.argument("artifact", type=click.Path(exists=True, path_type=Path))
+@click.option("--against", type=EXISTING_FILE, required=True,
+              help="The train-time checkpoint the artifact must reproduce.")
+@click.option("--inputs", "inputs_dir", type=EXISTING_FOLDER,
+              help="Verify on your own images (a folder of jpg/png) instead of seeded noise.")
+@click.option("--input-size", type=click.IntRange(min=32),
+              help="Side of the square inputs [default: the artifact's static size, else 224].")
+@click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=None,
+              help=f"Tolerance [default: {AUTO_TOLERANCE}; fp16 Core ML: its own fp16 floor].")
+@click.option("--ema", is_flag=True, help="Use the EMA copy of the checkpoint's weights.")
+@json_option
+@click.pass_context
+def verify_command(ctx: click.Context, artifact: Path, against: Path, inputs_dir: Path | None,
+                   input_size: int | None, rtol: float | None, ema: bool, json_mode: bool) -> None:
+    """Check a safetensors, ONNX or Core ML ARTIFACT against a train-time checkpoint.
+
+    Exits 0 when it reproduces the checkpoint within tolerance, 3 when not.
+    """
+    from mobileone_cli.exporting import VerifyOptions, verify_artifact
+
+    options = VerifyOptions(artifact=artifact, against=against, inputs_dir=inputs_dir,
+                            input_size=input_size, rtol=rtol, ema=ema)
+    run_and_render(ctx, json_mode=json_mode, activity="verifying",
+                   call=lambda update: verify_artifact(options, progress=update),
+                   render=Terminal.artifact_check)
 
 
 @main.command("demo")
@@ -136,15 +242,13 @@ def demo_command(ctx: click.Context, output_dir: Path, json_mode: bool) -> None:
     """Build a seeded S0 checkpoint, fold and verify it: the whole job, no files needed."""
     from mobileone_cli.api import run_demo
 
-    terminal = Terminal(json_mode=json_mode)
-    with terminal.progress("building a seeded S0 checkpoint, folding and verifying"):
-        result = run_demo(output_dir)
-    if json_mode:
-        terminal.emit_json(result.to_dict())
-    else:
+    def render(terminal: Terminal, result: Any) -> None:
         terminal.info(f"generated a train-time S0 checkpoint at {result.summary.source}")
         terminal.fold_result(result)
-    ctx.exit(result.exit_code)
+
+    run_and_render(ctx, json_mode=json_mode,
+                   activity="building a seeded S0 checkpoint, folding and verifying",
+                   call=lambda update: run_demo(output_dir), render=render)
 
 
 @main.command("report")
@@ -177,14 +281,8 @@ def report_command(ctx: click.Context, sources: tuple[Path, ...], latency: bool,
 
     options = ReportOptions(sources=sources, latency=latency, batch=batch, size=size,
                             threads=threads, runs=runs, warmup=warmup, per_stage=per_stage)
-    terminal = Terminal(json_mode=json_mode)
-    with terminal.progress("measuring params, MACs and latency"):
-        result = report_sources(options)
-    if json_mode:
-        terminal.emit_json(result.to_dict())
-    else:
-        terminal.report(result)
-    ctx.exit(result.exit_code)
+    run_and_render(ctx, json_mode=json_mode, activity="measuring params, MACs and latency",
+                   call=lambda update: report_sources(options), render=Terminal.report)
 
 
 if __name__ == "__main__":  # pragma: no cover

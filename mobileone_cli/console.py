@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ from rich.text import Text
 if TYPE_CHECKING:
     from mobileone_cli.api import FoldResult, ModelSummary
     from mobileone_cli.export import Artifact
+    from mobileone_cli.exporting import ArtifactCheck, ExportResult
     from mobileone_cli.report import Report, SourceReport
     from mobileone_cli.verify import Verification
 
@@ -43,13 +44,16 @@ class Terminal:
             self.err.print(Text(message, style="dim"))
 
     @contextmanager
-    def progress(self, description: str) -> Iterator[None]:
-        """A spinner on a terminal; nothing in --json or --quiet mode or when piped."""
+    def progress(self, description: str) -> Iterator[Callable[[str], None]]:
+        """A spinner on a terminal; nothing in --json or --quiet mode or when piped.
+
+        Yields a callback that replaces the spinner's text as the work moves on.
+        """
         if self.quiet or self.json_mode or not self.err.is_terminal:
-            yield
+            yield lambda message: None
             return
-        with self.err.status(Text(description)):
-            yield
+        with self.err.status(Text(description)) as status:
+            yield lambda message: status.update(Text(message))
 
     # -- data -----------------------------------------------------------------
     def emit_json(self, payload: dict[str, Any]) -> None:
@@ -111,6 +115,32 @@ class Terminal:
                 ("wrote ", "green"), str(artifact.path),
                 f"  ({artifact.format}, {_size(artifact.bytes)}, sha256 {artifact.sha256[:12]}…)",
             ))
+
+    def export_result(self, result: ExportResult) -> None:
+        self.model_summary(result.summary)
+        self.out.print()
+        self.verification("fold verification: folded vs train-time (fp32)",
+                          result.fold_verification)
+        for artifact in result.artifacts:
+            if artifact.verification is not None:
+                self.out.print()
+                self.verification(f"{artifact.format}: {artifact.path.name} vs train-time",
+                                  artifact.verification)
+        if result.written:
+            self.artifacts(result.artifacts)
+        else:
+            failed = [a.format for a in result.artifacts
+                      if a.verification is not None and not a.verification.passed]
+            self.error(f"verification failed ({', '.join(failed) or 'fold'}); nothing was written",
+                       hint="run with --json for every figure; a fold or converter bug, please report it")
+
+    def artifact_check(self, check: ArtifactCheck) -> None:
+        assert check.artifact.verification is not None
+        self.verification(f"{check.artifact.format}: {check.artifact.path} vs {check.against}",
+                          check.artifact.verification)
+        if not check.passed:
+            self.error(f"{check.artifact.path} does not reproduce {check.against}",
+                       hint="the artifact was altered, or exported from another checkpoint")
 
     def fold_result(self, result: FoldResult) -> None:
         self.model_summary(result.summary)

@@ -41,20 +41,21 @@ def atomic_output(path: Path, *, directory: bool = False) -> Iterator[Path]:
         temporary = Path(name)
     try:
         yield temporary
-        _replace(temporary, path)
+        replace_path(temporary, path)
     finally:
-        _remove(temporary)
+        remove_path(temporary)
 
 
-def _replace(source: Path, destination: Path) -> None:
+def replace_path(source: Path, destination: Path) -> None:
+    """Move a finished file or folder over `destination` (atomic for files)."""
     if source.is_dir():
         # A directory cannot atomically replace a non-empty one: move the old aside first.
         if destination.exists():
             aside = destination.with_name(f".{destination.name}.old")
-            _remove(aside)
+            remove_path(aside)
             destination.rename(aside)
             source.rename(destination)
-            _remove(aside)
+            remove_path(aside)
         else:
             source.rename(destination)
     else:
@@ -64,7 +65,7 @@ def _replace(source: Path, destination: Path) -> None:
         os.replace(source, destination)
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +64,18 @@ class ReferenceRun:
     def scale(self) -> float:
         """The largest |output| of the float64 reference, the denominator of relative errors."""
         return max(float(abs(out).max()) for out in self.outputs_fp64) or 1.0
+
+    def restricted_to(self, height: int, width: int) -> ReferenceRun:
+        """Only the batches of one input size, for artifacts with a static input shape."""
+        keep = [i for i, batch in enumerate(self.batches) if batch.array.shape[2:] == (height, width)]
+        if not keep:
+            raise ValueError(f"no verification input is {height}x{width}")
+        return replace(
+            self,
+            batches=tuple(self.batches[i] for i in keep),
+            outputs_fp32=tuple(self.outputs_fp32[i] for i in keep),
+            outputs_fp64=tuple(self.outputs_fp64[i] for i in keep),
+        )
 
     @property
     def noise_floor(self) -> float:
@@ -184,6 +196,16 @@ def run_reference(
         outputs_fp64=tuple(outputs[torch.float64]),
         is_classifier=spec.num_classes is not None,
     )
+
+
+def per_sample(candidate: Candidate) -> Candidate:
+    """Run a batch-1 artifact (static ONNX, Core ML) one image at a time."""
+    import numpy as np
+
+    def run(array: np.ndarray) -> np.ndarray:
+        return np.concatenate([candidate(array[i : i + 1]) for i in range(len(array))])
+
+    return run
 
 
 def torch_candidate(model: torch.nn.Module) -> Candidate:

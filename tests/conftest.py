@@ -19,6 +19,12 @@ REFERENCE = Path(os.environ.get("MOBILEONE_REFERENCE", ROOT.parent / "shared" / 
 
 CheckpointFactory = Callable[..., Path]
 
+# The suite runs on two pytest-xdist workers (one per core of the CI machine);
+# more than one torch thread per worker oversubscribes the cores, and idle torch
+# threads spin: measured here, a 0.7 s reference run took 11-33 s that way.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:

@@ -1,0 +1,222 @@
+"""The folded model as one self-contained, minimal, reproducible ONNX file.
+
+Why the TorchScript exporter (`dynamo=False`): measured on a folded S0 with
+torch 2.13, it writes the minimal graph (one Conv + Relu per block, ReduceMean,
+Gemm) in 0.2 s; the dynamo exporter took 5.6 s, raised the opset to 18, split
+the weights into a second `.onnx.data` file and needs `onnxscript`.
+
+Why the IR version is set by hand: ONNX Runtime Mobile and older onnxruntime
+releases refuse IR 11 and newer, while onnx 1.23 itself defaults to IR 14.
+torch 2.13 and onnxsim 0.8.1 happen to write IR 8 for opset 17 today; the file
+is stamped explicitly with the lowest IR version its opsets need (8 for opset
+17), so an upgrade of either cannot silently make it unloadable on a phone.
+
+Static or dynamic input size: a static export (the default, what mobile
+execution providers such as NNAPI and Core ML want) takes only its own
+1 x 3 x H x W, so `candidate` refuses any other size with a `ValueError`
+naming the shape, and runs a larger batch one image at a time. Verify a
+static export on the square batch of `verify.default_inputs` only: the
+non-square batch proves that the torch model and dynamic-size exports hold
+no baked-in size, which a static file holds by definition.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mobileone_cli import __version__
+from mobileone_cli.errors import ExportFailedError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+    import torch
+
+INPUT_NAME = "image"
+PRODUCER_NAME = "mobileone"
+BATCH_AXIS = "batch"
+HEIGHT_AXIS = "height"
+WIDTH_AXIS = "width"
+FEATURE_HEIGHT_AXIS = "feature_height"
+FEATURE_WIDTH_AXIS = "feature_width"
+# torch.onnx's TorchScript exporter is deprecated in favour of dynamo (see the module
+# docstring): torch 2.13 warns about it once from the caller's line, and again from its
+# own internals ("The feature will be removed...", torch/onnx/_internal/.../utils.py).
+_LEGACY_EXPORTER_WARNING = r".*legacy TorchScript-based ONNX export"
+_TORCH_ONNX_MODULES = r"torch\.onnx\."
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """How to write the ONNX file; the defaults suit mobile runtimes."""
+
+    opset: int = 17
+    dynamic_batch: bool = False
+    """Make the batch axis symbolic ("batch"); else it is fixed at 1."""
+    dynamic_size: bool = False
+    """Make height and width symbolic ("height", "width"); else both are `input_size`."""
+    simplify: bool = True
+    """Run onnxsim (constant folding, dead-node removal) before the checker."""
+    input_size: int = 224
+    """The static H = W when not dynamic (and the size traced when dynamic)."""
+
+
+def export(
+    model: torch.nn.Module,
+    path: Path,
+    *,
+    metadata: dict[str, str],
+    options: OnnxOptions,
+    output_name: str = "logits",
+) -> None:
+    """Write the folded model as one self-contained ONNX file at `path`.
+
+    The caller passes a temporary path and moves it into place after
+    verification. The same model, metadata and options always give the same
+    bytes: nothing time- or host-dependent is written.
+    """
+    import onnx
+
+    _trace(model, path, options=options, output_name=output_name)
+    proto = onnx.load(str(path))
+    if options.simplify:
+        proto = _simplify(proto)
+    _stamp(proto, metadata=metadata)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as error:
+        message = f"the exported ONNX model is invalid: {_first_line(error)}"
+        raise ExportFailedError(message) from None
+    # Deterministic serialisation: no map fields depend on insertion or hash order.
+    path.write_bytes(proto.SerializeToString(deterministic=True))
+
+
+def _trace(model: torch.nn.Module, path: Path, *, options: OnnxOptions, output_name: str) -> None:
+    """torch.onnx's file at `path`; `export` reads it back and rewrites it in place."""
+    import torch
+
+    example = torch.zeros(1, 3, options.input_size, options.input_size)
+    input_axes: dict[int, str] = {}
+    output_axes: dict[int, str] = {}
+    if options.dynamic_batch:
+        input_axes[0] = output_axes[0] = BATCH_AXIS
+    if options.dynamic_size:
+        input_axes.update({2: HEIGHT_AXIS, 3: WIDTH_AXIS})
+        with torch.inference_mode():
+            spatial_output = model(example).dim() == 4
+        if spatial_output:  # a headless feature map: name its axes, not torch's "Relu..._dim_2"
+            output_axes.update({2: FEATURE_HEIGHT_AXIS, 3: FEATURE_WIDTH_AXIS})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_LEGACY_EXPORTER_WARNING,
+                                category=DeprecationWarning)
+        warnings.filterwarnings("ignore", module=_TORCH_ONNX_MODULES, category=DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            path,
+            input_names=[INPUT_NAME],
+            output_names=[output_name],
+            dynamic_axes={INPUT_NAME: input_axes, output_name: output_axes} if input_axes else None,
+            opset_version=options.opset,
+            do_constant_folding=True,
+            training=torch.onnx.TrainingMode.EVAL,
+            dynamo=False,
+        )
+
+
+def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxsim
+
+    # check_n=0: onnxsim only runs the checker; the numerical proof is the
+    # caller's `verify.compare` against the train-time model, at a tighter tolerance.
+    simplified, check_ok = onnxsim.simplify(proto)
+    if not check_ok:
+        raise ExportFailedError("onnxsim could not validate the simplified ONNX model",
+                                hint="export without simplification (OnnxOptions(simplify=False))")
+    return simplified
+
+
+def _stamp(proto: onnx.ModelProto, *, metadata: dict[str, str]) -> None:
+    """Set what the file says about itself, replacing torch's and onnxsim's values."""
+    import onnx
+
+    proto.ir_version = onnx.helper.find_min_ir_version_for(list(proto.opset_import))
+    proto.producer_name = PRODUCER_NAME
+    proto.producer_version = __version__
+    # Cleared, not set to "": an empty string is still a field on the wire.
+    proto.ClearField("doc_string")
+    for node in proto.graph.node:
+        node.ClearField("doc_string")
+    del proto.metadata_props[:]
+    for key, value in sorted(metadata.items()):
+        proto.metadata_props.add(key=key, value=value)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def candidate(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """An onnxruntime CPU session as a verification candidate: float32 NCHW in, first output out.
+
+    A model with a fixed batch of 1 runs a larger batch one sample at a time.
+    An array whose channels, height or width do not fit the model's static
+    shape raises a `ValueError` naming the shape the model takes.
+    """
+    import numpy as np
+    import onnxruntime
+
+    session_options = onnxruntime.SessionOptions()
+    session_options.log_severity_level = 3  # errors only: no "unused initializer" chatter
+    # Idle threads sleep instead of spinning: verification shares the CPU with torch's threads.
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(
+        str(path), sess_options=session_options, providers=["CPUExecutionProvider"]
+    )
+    model_input = session.get_inputs()[0]
+    expected: Sequence[int | str | None] = model_input.shape
+
+    def run(array: np.ndarray) -> np.ndarray:
+        _check_fits(array, expected, name=path.name)
+        static_batch = expected[0] if isinstance(expected[0], int) else None
+        chunk = static_batch or len(array)
+        outputs = [
+            session.run(None, {model_input.name: array[start : start + chunk]})[0]
+            for start in range(0, len(array), chunk)
+        ]
+        return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+    return run
+
+
+def _check_fits(array: np.ndarray, expected: Sequence[int | str | None], *, name: str) -> None:
+    import numpy as np
+
+    shape = " x ".join(str(size if isinstance(size, int) else size or "?") for size in expected)
+    if array.dtype != np.float32 or array.ndim != len(expected):
+        raise ValueError(f"{name} takes a float32 array of shape {shape}; "
+                         f"got {array.dtype} {' x '.join(map(str, array.shape))}")
+    batch, *rest = expected
+    mismatched = [
+        size != actual for size, actual in zip(rest, array.shape[1:]) if isinstance(size, int)
+    ]
+    uneven_batch = isinstance(batch, int) and len(array) % batch != 0
+    if any(mismatched) or uneven_batch:
+        raise ValueError(
+            f"{name} takes input of shape {shape}; got {' x '.join(map(str, array.shape))} "
+            "(export with dynamic_size / dynamic_batch to accept other shapes)"
+        )
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    """Op type -> count over the graph, for the minimal-graph checks and the report."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return dict(sorted(Counter(node.op_type for node in graph.node).items()))
