@@ -7,6 +7,7 @@ where a `MobileOneError` becomes `error: ...` / `hint: ...` and an exit code.
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -22,13 +23,41 @@ from mobileone_cli.layouts import LAYOUTS
 from mobileone_cli.verify import AUTO_TOLERANCE, DEFAULT_INPUT_SIZE
 
 EXIT_INTERRUPTED = 130
+ARGUMENTS_KEY = "mobileone.arguments"
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+class SuffixedNumber(click.ParamType):
+    """A count such as 5000000, 5e6, 5M or 300K."""
+
+    name = "NUMBER"
+    SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9}
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        text = str(value).strip().lower()
+        scale = self.SUFFIXES.get(text[-1:], 1.0)
+        try:
+            number = float(text[:-1] if scale != 1.0 else text) * scale
+        except ValueError:
+            self.fail(f"{value!r} is not a number such as 5000000, 5e6 or 5M", param, ctx)
+        if number <= 0:
+            self.fail(f"{value!r} must be positive", param, ctx)
+        return number
+
+
+NUMBER = SuffixedNumber()
 EXISTING_FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
 class MobileOneGroup(click.Group):
     """Runs a command and turns the core's typed errors into one-line messages."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # The command line as given, for the bundle manifest (sys.argv is not it when embedded).
+        ctx.meta[ARGUMENTS_KEY] = tuple(args)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -49,7 +78,7 @@ def run_and_render(ctx: click.Context, *, json_mode: bool, activity: str,
 
     `call` receives a progress callback that updates the spinner's text.
     """
-    terminal = Terminal(json_mode=json_mode)
+    terminal = Terminal(json_mode=json_mode, quiet=bool(ctx.find_root().params.get("quiet")))
     with terminal.progress(activity) as update:
         result = call(update)
     if json_mode:
@@ -95,8 +124,10 @@ def _silence_third_party() -> None:
 @click.group(cls=MobileOneGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="mobileone")
 @click.option("--debug", is_flag=True, help="Show tracebacks and third-party warnings.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="Print only errors (and --json output): no tables, no progress.")
 @click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
+def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
     """Fold train-time MobileOne checkpoints into verified, deployable models.
 
     Reads Apple ml-mobileone, timm and OpenMMLab mmpretrain checkpoints.
@@ -105,6 +136,12 @@ def main(ctx: click.Context, debug: bool) -> None:
     """
     if not debug:
         _silence_third_party()
+    # SIGTERM (a cancelled CI job) unwinds like Ctrl-C, so staged outputs are removed.
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 @main.command("inspect")
@@ -171,6 +208,12 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
 @click.option("--model-version", help="Core ML: model version string.")
 @click.option("--author", help="Core ML: author.")
 @click.option("--license", "license_text", help="Core ML: license.")
+@click.option("--max-params", type=NUMBER, help="Gate: fail (exit 3) above this many folded "
+              "parameters; takes 5e6 or 5M.")
+@click.option("--max-macs", type=NUMBER, help="Gate: fail above this many folded MACs at the "
+              "export size; takes 3e8 or 300M.")
+@click.option("--max-size-mb", type=click.FloatRange(min=0, min_open=True),
+              help="Gate: fail when any artifact is larger (MB of 10^6 bytes).")
 @json_option
 @click.pass_context
 def export_command(ctx: click.Context, source: Path, target: str, output: Path | None,
@@ -179,6 +222,7 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
                    dynamic_size: bool, no_simplify: bool, coreml_target: str, precision: str,
                    image_input: bool, labels_file: Path | None, description: str | None,
                    model_version: str | None, author: str | None, license_text: str | None,
+                   max_params: float | None, max_macs: float | None, max_size_mb: float | None,
                    json_mode: bool) -> None:
     """Export SOURCE to ONNX and/or Core ML, each verified against the train-time model.
 
@@ -187,12 +231,14 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
     """
     from mobileone_cli.export.coreml import CoreMLOptions
     from mobileone_cli.export.onnx import OnnxOptions
-    from mobileone_cli.exporting import FORMATS, ExportOptions, export_model
+    from mobileone_cli.exporting import FORMATS, ExportOptions, Gates, export_model
 
     options = ExportOptions(
         source=source, formats=FORMATS if target == "all" else (target,), output=output,
         force=force, rtol=rtol, inputs_dir=inputs_dir, input_size=input_size, ema=ema,
         layout=layout, labels_file=labels_file,
+        gates=Gates(max_params=max_params, max_macs=max_macs, max_size_mb=max_size_mb),
+        command=ctx.meta.get(ARGUMENTS_KEY, ()),
         onnx=OnnxOptions(opset=opset, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size,
                          simplify=not no_simplify),
         coreml=CoreMLOptions(target=coreml_target, precision=precision, image_input=image_input,
@@ -205,9 +251,11 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
 
 
 @main.command("verify")
-@click.argument("artifact", type=click.Path(exists=True, path_type=Path))
-@click.option("--against", type=EXISTING_FILE, required=True,
-              help="The train-time checkpoint the artifact must reproduce.")
+@click.argument("artifact", type=click.Path(exists=True, path_type=Path), required=False)
+@click.option("--manifest", type=EXISTING_FILE,
+              help="Check a whole bundle: every hash, and every artifact when --against is given.")
+@click.option("--against", type=EXISTING_FILE,
+              help="The train-time checkpoint the artifact(s) must reproduce.")
 @click.option("--inputs", "inputs_dir", type=EXISTING_FOLDER,
               help="Verify on your own images (a folder of jpg/png) instead of seeded noise.")
 @click.option("--input-size", type=click.IntRange(min=32),
@@ -217,12 +265,27 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
 @click.option("--ema", is_flag=True, help="Use the EMA copy of the checkpoint's weights.")
 @json_option
 @click.pass_context
-def verify_command(ctx: click.Context, artifact: Path, against: Path, inputs_dir: Path | None,
-                   input_size: int | None, rtol: float | None, ema: bool, json_mode: bool) -> None:
-    """Check a safetensors, ONNX or Core ML ARTIFACT against a train-time checkpoint.
+def verify_command(ctx: click.Context, artifact: Path | None, manifest: Path | None,
+                   against: Path | None, inputs_dir: Path | None, input_size: int | None,
+                   rtol: float | None, ema: bool, json_mode: bool) -> None:
+    """Check ARTIFACT (safetensors, ONNX, Core ML) or a bundle's --manifest.
 
-    Exits 0 when it reproduces the checkpoint within tolerance, 3 when not.
+    `verify ARTIFACT --against CKPT` re-runs the numerical verification;
+    `verify --manifest dist/manifest.json [--against CKPT]` recomputes every
+    hash and, with a checkpoint, re-verifies every artifact. Exits 0 when all
+    hold, 3 when not.
     """
+    if (artifact is None) == (manifest is None):
+        raise click.UsageError("give either ARTIFACT or --manifest")
+    if manifest is not None:
+        from mobileone_cli.bundle import verify_manifest
+
+        run_and_render(ctx, json_mode=json_mode, activity="checking the bundle",
+                       call=lambda update: verify_manifest(manifest, against=against, rtol=rtol),
+                       render=Terminal.manifest_check)
+        return
+    if against is None:
+        raise click.UsageError("ARTIFACT needs --against CHECKPOINT")
     from mobileone_cli.exporting import VerifyOptions, verify_artifact
 
     options = VerifyOptions(artifact=artifact, against=against, inputs_dir=inputs_dir,

@@ -7,10 +7,12 @@ prints as itself. Colour follows rich's conventions (NO_COLOR, non-terminals).
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
@@ -20,6 +22,7 @@ from rich.text import Text
 if TYPE_CHECKING:
     from mobileone_cli.api import FoldResult, ModelSummary
     from mobileone_cli.export import Artifact
+    from mobileone_cli.bundle import ManifestCheck
     from mobileone_cli.exporting import ArtifactCheck, ExportResult
     from mobileone_cli.report import Report, SourceReport
     from mobileone_cli.verify import Verification
@@ -29,7 +32,9 @@ class Terminal:
     def __init__(self, *, json_mode: bool = False, quiet: bool = False) -> None:
         self.json_mode = json_mode
         self.quiet = quiet
-        self.out = Console(highlight=False, soft_wrap=True)
+        # --quiet: tables and notes go nowhere; errors (stderr) and JSON (sys.stdout) still show.
+        self.out = Console(highlight=False, soft_wrap=True,
+                           file=io.StringIO() if quiet else None)
         # soft_wrap: an error is one line however long, so CI logs and greps keep it whole.
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -126,13 +131,47 @@ class Terminal:
                 self.out.print()
                 self.verification(f"{artifact.format}: {artifact.path.name} vs train-time",
                                   artifact.verification)
+        for gate in result.gates:
+            if gate.passed:
+                self.info(f"gate --{gate.name.replace('_', '-')} passed: {gate.subject} within "
+                          "its limit")
         if result.written:
             self.artifacts(result.artifacts)
+            if result.bundle is not None:
+                self.out.print(Text.assemble(("wrote ", "green"), str(result.bundle / "manifest.json"),
+                                             " and summary.md"))
+            return
+        failed_gates = [gate for gate in result.gates if not gate.passed]
+        failed = [a.format for a in result.artifacts
+                  if a.verification is not None and not a.verification.passed]
+        if failed_gates:
+            self.error("; ".join(gate.message() for gate in failed_gates) + "; nothing was written",
+                       hint="raise the limit, or choose a smaller variant")
         else:
-            failed = [a.format for a in result.artifacts
-                      if a.verification is not None and not a.verification.passed]
             self.error(f"verification failed ({', '.join(failed) or 'fold'}); nothing was written",
-                       hint="run with --json for every figure; a fold or converter bug, please report it")
+                       hint="run with --json for every figure; a fold or converter bug, "
+                            "please report it")
+
+    def manifest_check(self, check: ManifestCheck) -> None:
+        table = Table(title=Text(f"bundle {check.manifest}", style="bold"), title_justify="left",
+                      show_edge=False)
+        for column in ("file", "sha256", "numbers"):
+            table.add_column(column)
+        numbers = {v.artifact.path.name: v for v in check.verifications}
+        for entry in check.hashes:
+            verified = numbers.get(Path(entry.path).name)
+            table.add_row(Text(entry.path),
+                          Text("ok" if entry.passed else
+                               ("missing" if entry.actual is None else "CHANGED"),
+                               style="green" if entry.passed else "bold red"),
+                          "-" if verified is None else Text(
+                              f"{verified.artifact.verification.max_rel_diff:.3g} "
+                              + ("ok" if verified.passed else "FAILED"),
+                              style="green" if verified.passed else "bold red"))
+        self.out.print(table)
+        if not check.passed:
+            self.error(f"the bundle at {check.manifest.parent} does not hold what its manifest says",
+                       hint="rebuild it with `mobileone export --to all`")
 
     def artifact_check(self, check: ArtifactCheck) -> None:
         assert check.artifact.verification is not None

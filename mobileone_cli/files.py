@@ -25,25 +25,27 @@ def check_output_path(path: Path, *, force: bool) -> None:
 
 
 @contextmanager
-def atomic_output(path: Path, *, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; move it into place only if the block succeeds.
+def staging_path(destination: Path) -> Iterator[Path]:
+    """A path inside a hidden temporary folder beside `destination`, removed on exit.
 
-    The temporary sits in the destination folder so the final rename is atomic
-    (same file system). On any exception, including KeyboardInterrupt, it is removed.
+    Beside, so the final move is a rename on the same file system; inside a
+    folder, so a file, a Core ML package and a whole bundle are staged alike.
+    On any exception, KeyboardInterrupt included, nothing is left behind.
     """
-    parent = path.parent
-    if directory:
-        temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=parent))
-        shutil.rmtree(temporary)  # the writer creates it
-    else:
-        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=parent)
-        os.close(handle)
-        temporary = Path(name)
+    handle = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial",
+                                   dir=destination.parent))
     try:
-        yield temporary
-        replace_path(temporary, path)
+        yield handle / destination.name
     finally:
-        remove_path(temporary)
+        remove_path(handle)
+
+
+@contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a staging path for `path`; move it into place only if the block succeeds."""
+    with staging_path(path) as staged:
+        yield staged
+        replace_path(staged, path)
 
 
 def replace_path(source: Path, destination: Path) -> None:
