@@ -1,4 +1,4 @@
-from mobileone_cli.cli import main
+from mobileone_cli.cli import entry_point
 
 if __name__ == "__main__":
-    main()
+    entry_point()

@@ -99,6 +99,8 @@ class FoldOptions:
     """Key naming of the output; the source's own layout when None."""
     ema: bool = False
     force: bool = False
+    dtype: str = "float32"
+    """dtype of the written weights; the fold itself is always float64."""
 
 
 @dataclass(frozen=True)
@@ -107,10 +109,13 @@ class FoldResult:
     output_layout: str
     verification: Verification
     outputs: tuple[Artifact, ...] = field(default=())
+    checked: tuple[Artifact, ...] = field(default=())
+    """A written file that failed its re-read check (and was therefore not kept)."""
 
     @property
     def exit_code(self) -> int:
-        return EXIT_OK if self.verification.passed else EXIT_VERIFICATION_FAILED
+        passed = self.verification.passed and not self.checked
+        return EXIT_OK if passed else EXIT_VERIFICATION_FAILED
 
     def to_dict(self) -> dict[str, Any]:
         summary = self.summary.to_dict()
@@ -122,6 +127,7 @@ class FoldResult:
             "params": summary.pop("params"),
             "verification": self.verification.to_dict(),
             "outputs": [artifact.to_dict() for artifact in self.outputs],
+            "failed_outputs": [artifact.to_dict() for artifact in self.checked],
             **summary,
         }
 
@@ -187,32 +193,36 @@ def fold_checkpoint(options: FoldOptions) -> FoldResult:
     """Load, fold, prove and (when the proof holds) write a folded safetensors file."""
     from mobileone_cli.checkpoint import load_checkpoint
     from mobileone_cli.export import safetensors as safetensors_export
-    from mobileone_cli.files import atomic_output, check_output_path, sha256_path, size_of
+    from mobileone_cli.files import (
+        check_output_path,
+        replace_path,
+        sha256_path,
+        size_of,
+        staging_path,
+    )
 
     check_output_path(options.output, force=options.force)
     loaded = load_checkpoint(options.checkpoint, ema=options.ema)
     folded = fold_and_verify(loaded, rtol=options.rtol, inputs_dir=options.inputs_dir,
                              input_size=options.input_size)
-    folded_state, verification = folded.state, folded.verification
+    verification = folded.verification
     output_layout = options.layout or loaded.layout
     summary = summarize(loaded)
     if not verification.passed:
         return FoldResult(summary=summary, output_layout=output_layout, verification=verification)
-    data = safetensors_export.serialize(
-        folded_state,
-        layout=output_layout,
-        metadata=file_metadata(loaded, layout=output_layout, input_size=options.input_size,
-                               verification=verification),
-    )
-    with atomic_output(options.output) as temporary:
-        temporary.write_bytes(data)
-    artifact = Artifact(
-        path=options.output,
-        format="safetensors",
-        sha256=sha256_path(options.output),
-        bytes=size_of(options.output),
-        verification=verification,
-    )
+    metadata = file_metadata(loaded, layout=output_layout, input_size=options.input_size,
+                             verification=verification)
+    with staging_path(options.output) as staged:
+        written = safetensors_export.export(folded, staged, layout=output_layout,
+                                            metadata=metadata, dtype=options.dtype,
+                                            rtol=options.rtol)
+        artifact = Artifact(path=options.output, format="safetensors",
+                            sha256=sha256_path(staged), bytes=size_of(staged),
+                            verification=written)
+        if not written.passed:
+            return FoldResult(summary=summary, output_layout=output_layout,
+                              verification=verification, checked=(artifact,))
+        replace_path(staged, options.output)
     return FoldResult(summary=summary, output_layout=output_layout, verification=verification,
                       outputs=(artifact,))
 
@@ -240,7 +250,13 @@ def fold_and_verify(
     input_size: int = DEFAULT_INPUT_SIZE,
 ) -> FoldedModel:
     from mobileone_cli.fold import fold_state
-    from mobileone_cli.verify import compare, default_inputs, image_inputs, run_reference, torch_candidate
+    from mobileone_cli.verify import (
+        compare,
+        default_inputs,
+        image_inputs,
+        run_reference,
+        torch_candidate,
+    )
 
     folded_state = fold_state(loaded.spec, loaded.state)
     batches = image_inputs(inputs_dir, size=input_size) if inputs_dir else default_inputs(input_size)

@@ -114,11 +114,11 @@ def render_summary(manifest: dict[str, Any]) -> str:
     lines = [
         f"## MobileOne {model['variant'].upper()} release bundle",
         "",
-        f"Source `{source['name']}` (sha256 `{source['sha256'][:12]}`, {source['layout']} layout), "
-        f"{classes} classes, input {'x'.join(map(str, manifest['input']['shape']))}.",
-        f"Params {model['params']['train'] / 1e6:.2f} M train-time → "
+        (f"Source `{source['name']}` (sha256 `{source['sha256'][:12]}`, {source['layout']} layout), "
+        f"{classes} classes, input {'x'.join(map(str, manifest['input']['shape']))}."),
+        (f"Params {model['params']['train'] / 1e6:.2f} M train-time → "
         f"{model['params']['fused'] / 1e6:.2f} M folded; MACs {model['macs']['train'] / 1e6:,.0f} M"
-        f" → {model['macs']['fused'] / 1e6:,.0f} M.",
+        f" → {model['macs']['fused'] / 1e6:,.0f} M."),
         "",
         "| artifact | format | size | sha256 | max rel. error | tolerance | verified |",
         "|---|---|---:|---|---:|---:|:---:|",
@@ -128,14 +128,16 @@ def render_summary(manifest: dict[str, Any]) -> str:
     for artifact in manifest["artifacts"]:
         lines.append(_row(artifact["path"], artifact["format"], artifact["bytes"],
                           artifact["sha256"], artifact["verification"]))
+    from mobileone_cli.exporting import format_number
+
     for gate in manifest["gates"]:
         verdict = "passed" if gate["passed"] else "FAILED"
-        lines.append(f"\nGate `--{gate['gate'].replace('_', '-')}` {gate['limit']:,.6g}: "
-                     f"{gate['subject']} {gate['value']:,.6g}, {verdict}.")
+        lines.append(f"\nGate `--{gate['gate'].replace('_', '-')}` {format_number(gate['limit'])}: "
+                     f"{gate['subject']} {format_number(gate['value'])}, {verdict}.")
     versions = manifest["versions"]
-    lines += ["", f"mobileone {versions['mobileone']}, torch {versions['torch']}, "
+    lines += ["", (f"mobileone {versions['mobileone']}, torch {versions['torch']}, "
                   f"onnx {versions['onnx']}, onnxruntime {versions['onnxruntime']}, "
-                  f"coremltools {versions['coremltools']}.", ""]
+                  f"coremltools {versions['coremltools']}."), ""]
     return "\n".join(lines)
 
 

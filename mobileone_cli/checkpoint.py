@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mobileone_cli.errors import BadCheckpointError
+from mobileone_cli.errors import BadCheckpointError, printable
 from mobileone_cli.layouts import LAYOUTS, KeyAddress, convert_key, get_layout, parse_key
 from mobileone_cli.variants import STEM_IN_CHANNELS, ArchitectureSpec, BlockSpec, identify_variant
 
@@ -32,12 +32,14 @@ _LOOK_ALIKES = (
                 r"stages\.\d+\.blocks\."),
      "a FastViT checkpoint (it shares MobileOne's block names, not its architecture)"),
     (re.compile(r"(^|\.)(stage[5-9]|stages[._][4-9])\."),
-     "the six-stage layout of the `mobileone-pytorch` package (the paper's table), "
-     "not one of the Apple, timm or mmpretrain layouts"),
+     ("the six-stage layout of the `mobileone-pytorch` package (the paper's table), "
+     "not one of the Apple, timm or mmpretrain layouts")),
     (re.compile(r"(^|\.)(dw|pw)_[a-z0-9_]*\."),
-     "a single-file re-implementation with `dw_*`/`pw_*` keys, not one of the Apple, "
-     "timm or mmpretrain layouts"),
+     ("a single-file re-implementation with `dw_*`/`pw_*` keys, not one of the Apple, "
+     "timm or mmpretrain layouts")),
 )
+# What the fold computes in; float8 and integer (quantized) weights are refused.
+_WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _SUPPORTED_HINT = (
     "mobileone reads train-time or folded checkpoints of Apple's ml-mobileone, timm "
     "(mobileone_s0..s4) and OpenMMLab mmpretrain"
@@ -99,11 +101,14 @@ def recognise(raw: RawCheckpoint) -> LoadedCheckpoint:
 def _normalise_feature_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Backbone-only files: timm `features_only` (`stages_0.`) and mmpretrain without `backbone.`."""
     renamed: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        key = re.sub(r"^stages_(\d+)\.", r"stages.\1.", key)
+    sources: dict[str, str] = {}
+    for original, value in state.items():
+        key = re.sub(r"^stages_(\d+)\.", r"stages.\1.", original)
         if re.match(r"^stage\d+\.(\d+\.)?(branch_|se\.conv)", key):
             key = f"backbone.{key}"
-        renamed[key] = value
+        if key in sources:
+            raise _same_tensor(sources[key], original)
+        renamed[key], sources[key] = value, original
     return renamed
 
 
@@ -113,12 +118,13 @@ def detect_layout(keys: list[str]) -> str:
         example = next((key for key in keys if pattern.search(key)), None)
         if example is not None:
             raise BadCheckpointError(
-                f"this file looks like {looks_like} (key '{example}')", hint=_SUPPORTED_HINT
+                f"this file looks like {looks_like} (key '{printable(example)}')",
+                hint=_SUPPORTED_HINT
             )
     counts = {layout: sum(parse_key(key, layout) is not None for key in keys) for layout in LAYOUTS}
     best = max(counts, key=lambda layout: counts[layout])
     if counts[best] == 0 or counts[best] < len(keys) / 2:
-        sample = ", ".join(f"'{key}'" for key in keys[:3])
+        sample = ", ".join(f"'{printable(key)}'" for key in keys[:3])
         raise BadCheckpointError(
             f"not a MobileOne checkpoint: no key of the Apple, timm or mmpretrain layout "
             f"(first keys: {sample})",
@@ -131,14 +137,25 @@ def _to_canonical(
     state: dict[str, torch.Tensor], layout: str
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     canonical: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
     unexpected: list[str] = []
     for key, value in state.items():
         address = parse_key(key, layout)
         if address is None:
-            unexpected.append(key)
-        else:
-            canonical[address.canonical_key()] = value
+            unexpected.append(printable(key))
+            continue
+        name = address.canonical_key()
+        if name in sources:  # e.g. `stage1.1.` and `stage1.01.`
+            raise _same_tensor(sources[name], key)
+        canonical[name], sources[name] = value, key
     return canonical, unexpected
+
+
+def _same_tensor(first: str, second: str) -> BadCheckpointError:
+    return BadCheckpointError(
+        f"keys '{printable(first)}' and '{printable(second)}' name the same tensor",
+        hint="the file mixes two namings of one model; save its state_dict() again",
+    )
 
 
 def infer_architecture(state: dict[str, torch.Tensor], *, layout: str = "apple") -> ArchitectureSpec:
@@ -186,7 +203,14 @@ def infer_architecture(state: dict[str, torch.Tensor], *, layout: str = "apple")
             stage_blocks.append(block)
             in_channels = block.out_channels
         stages.append(tuple(stage_blocks))
-    head = state.get("linear.weight", state.get("linear.bias"))
+    head_key = "linear.weight" if "linear.weight" in state else "linear.bias"
+    head = state.get(head_key)
+    if head is not None and (head.dim() == 0 or head.shape[0] == 0):
+        raise BadCheckpointError(
+            f"shape mismatch: '{_render(head_key, layout)}' is {tuple(head.shape)}, "
+            "expected one row per class",
+            hint="the tensors of this file do not fit together",
+        )
     return ArchitectureSpec(
         stem=stem,
         stages=tuple(stages),
@@ -211,18 +235,32 @@ def _infer_block(
     )
     first = addresses[0]
     prefix = get_layout("apple").block_prefix(first.stage, first.block)
-    if kernel is None or kernel.dim() != 4:
-        name = "reparam_conv.weight" if _REPARAM in parts else "rbr_conv.0.conv.weight"
+    name = "reparam_conv.weight" if _REPARAM in parts else "rbr_conv.0.conv.weight"
+    if kernel is None:
         raise BadCheckpointError(
             f"missing keys: '{_render(prefix + name, layout)}' (a 4-d conv kernel)",
             hint="the file holds part of a model, or a model of another family",
         )
+    if kernel.dim() != 4:
+        raise BadCheckpointError(
+            f"shape mismatch: '{_render(prefix + name, layout)}' is {tuple(kernel.shape)}, "
+            "expected a 4-d conv kernel",
+            hint="the tensors of this file do not fit together",
+        )
     out_channels, channels_per_group, kernel_size = (int(kernel.shape[i]) for i in (0, 1, 2))
-    if channels_per_group == 0 or in_channels % channels_per_group:
+    groups = in_channels // channels_per_group if channels_per_group else 0
+    # A grouped conv also needs its outputs to split evenly into the groups.
+    if not groups or not out_channels or in_channels % channels_per_group or out_channels % groups:
         raise BadCheckpointError(
             f"shape mismatch: '{_render(prefix, layout)}' kernel {tuple(kernel.shape)} does not "
             f"fit {in_channels} input channels",
             hint="the blocks of this file do not chain; is it a MobileOne?",
+        )
+    if kernel_size % 2 == 0:  # 0 too: 'same' padding of k // 2 needs an odd k
+        raise BadCheckpointError(
+            f"shape mismatch: '{_render(prefix, layout)}' kernel {tuple(kernel.shape)} is not "
+            "an odd k x k kernel",
+            hint="MobileOne convs are 3x3 or 1x1 with 'same' padding; is it a MobileOne?",
         )
     se = tensors.get(f"{prefix}se.reduce.weight")
     branches = [a.branch for a in addresses if a.part in (_CONV, _CONV_BN) and a.branch is not None]
@@ -231,7 +269,7 @@ def _infer_block(
         out_channels=out_channels,
         kernel_size=kernel_size,
         stride=stride,
-        groups=in_channels // channels_per_group,
+        groups=groups,
         conv_branches=0 if _REPARAM in parts else max(branches) + 1,
         has_scale=bool(parts & {_SCALE_CONV, _SCALE_BN}),
         has_identity=_SKIP in parts,
@@ -277,10 +315,17 @@ def _validate(
         name = _render(key, layout)
         if key.endswith("num_batches_tracked"):
             continue
-        if not value.is_floating_point():
+        if value.is_meta or value.layout != torch.strided:
+            kind = "a meta tensor (no values)" if value.is_meta else f"a {str(value.layout).removeprefix('torch.')} tensor"
             raise BadCheckpointError(
-                f"'{name}' has dtype {str(value.dtype).replace('torch.', '')}; weights must be "
-                "floating point", hint="was this file quantized? fold the float checkpoint")
+                f"'{name}' is {kind}; weights must be dense tensors with values",
+                hint="save the state_dict() of a model whose weights are loaded, "
+                     "with .to_dense() on sparse ones")
+        dtype = str(value.dtype).removeprefix("torch.")
+        if dtype not in _WEIGHT_DTYPES:
+            raise BadCheckpointError(
+                f"'{name}' has dtype {dtype}; weights must be {', '.join(_WEIGHT_DTYPES[:-1])} "
+                f"or {_WEIGHT_DTYPES[-1]}", hint="was this file quantized? fold the float checkpoint")
         if not bool(torch.isfinite(value).all()):
             raise BadCheckpointError(f"'{name}' contains NaN or Inf values",
                                      hint="the training run diverged or the file is corrupt")

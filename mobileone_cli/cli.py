@@ -7,12 +7,13 @@ where a `MobileOneError` becomes `error: ...` / `hint: ...` and an exit code.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import traceback
-from pathlib import Path
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import click
 
@@ -32,7 +33,7 @@ class SuffixedNumber(click.ParamType):
     """A count such as 5000000, 5e6, 5M or 300K."""
 
     name = "NUMBER"
-    SUFFIXES = {"k": 1e3, "m": 1e6, "g": 1e9}
+    SUFFIXES: ClassVar[dict[str, float]] = {"k": 1e3, "m": 1e6, "g": 1e9}
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> float:
@@ -104,6 +105,9 @@ def fold_options(function: Any) -> Any:
         click.option("--input-size", type=click.IntRange(min=32), default=DEFAULT_INPUT_SIZE,
                      show_default=True, help="Side of the square inputs (and of static exports)."),
         click.option("--ema", is_flag=True, help="Use the EMA copy of the weights."),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+                     default="float32", show_default=True,
+                     help="dtype of the safetensors weights (the fold is always float64)."),
     )):
         function = option(function)
     return function
@@ -170,12 +174,13 @@ def inspect_command(ctx: click.Context, checkpoint: Path, ema: bool, json_mode: 
 @click.pass_context
 def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float | None,
                  inputs_dir: Path | None, input_size: int, layout: str | None, ema: bool,
-                 force: bool, json_mode: bool) -> None:
+                 dtype: str, force: bool, json_mode: bool) -> None:
     """Fold CHECKPOINT, prove it equivalent, and write safetensors."""
     from mobileone_cli.api import FoldOptions, fold_checkpoint
 
     options = FoldOptions(checkpoint=checkpoint, output=output, rtol=rtol, inputs_dir=inputs_dir,
-                          input_size=input_size, layout=layout, ema=ema, force=force)
+                          input_size=input_size, layout=layout, ema=ema, force=force,
+                          dtype=dtype)
     run_and_render(ctx, json_mode=json_mode, activity="folding and verifying",
                    call=lambda update: fold_checkpoint(options), render=Terminal.fold_result)
 
@@ -218,7 +223,7 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
 @click.pass_context
 def export_command(ctx: click.Context, source: Path, target: str, output: Path | None,
                    force: bool, rtol: float | None, inputs_dir: Path | None, input_size: int,
-                   ema: bool, layout: str | None, opset: int, dynamic_batch: bool,
+                   ema: bool, dtype: str, layout: str | None, opset: int, dynamic_batch: bool,
                    dynamic_size: bool, no_simplify: bool, coreml_target: str, precision: str,
                    image_input: bool, labels_file: Path | None, description: str | None,
                    model_version: str | None, author: str | None, license_text: str | None,
@@ -236,7 +241,7 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
     options = ExportOptions(
         source=source, formats=FORMATS if target == "all" else (target,), output=output,
         force=force, rtol=rtol, inputs_dir=inputs_dir, input_size=input_size, ema=ema,
-        layout=layout, labels_file=labels_file,
+        layout=layout, labels_file=labels_file, dtype=dtype,
         gates=Gates(max_params=max_params, max_macs=max_macs, max_size_mb=max_size_mb),
         command=ctx.meta.get(ARGUMENTS_KEY, ()),
         onnx=OnnxOptions(opset=opset, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size,
@@ -284,7 +289,7 @@ def verify_command(ctx: click.Context, artifact: Path | None, manifest: Path | N
                        call=lambda update: verify_manifest(manifest, against=against, rtol=rtol),
                        render=Terminal.manifest_check)
         return
-    if against is None:
+    if artifact is None or against is None:
         raise click.UsageError("ARTIFACT needs --against CHECKPOINT")
     from mobileone_cli.exporting import VerifyOptions, verify_artifact
 
@@ -348,5 +353,25 @@ def report_command(ctx: click.Context, sources: tuple[Path, ...], latency: bool,
                    call=lambda update: report_sources(options), render=Terminal.report)
 
 
+def entry_point() -> None:
+    """The console script: `main`, with an interrupted run ending in exit code 130 for sure.
+
+    Cleanup (staged outputs) has already run when the interrupt reaches `invoke`.
+    But a KeyboardInterrupt that passed through Python code run by a C extension
+    (torch's pybind11 initialisation) sets CPython's "unhandled interrupt" flag
+    even though it was handled, and CPython then kills itself with SIGINT at
+    exit (measured: exit -2 instead of 130 when interrupted during imports).
+    So an interrupted run leaves without the interpreter's exit path.
+    """
+    try:
+        main()
+    except SystemExit as exit_request:
+        if exit_request.code == EXIT_INTERRUPTED:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
+        raise
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main(sys.argv[1:])
+    entry_point()

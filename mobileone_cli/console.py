@@ -19,10 +19,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from mobileone_cli.errors import printable
+
 if TYPE_CHECKING:
     from mobileone_cli.api import FoldResult, ModelSummary
-    from mobileone_cli.export import Artifact
     from mobileone_cli.bundle import ManifestCheck
+    from mobileone_cli.export import Artifact
     from mobileone_cli.exporting import ArtifactCheck, ExportResult
     from mobileone_cli.report import Report, SourceReport
     from mobileone_cli.verify import Verification
@@ -40,9 +42,10 @@ class Terminal:
 
     # -- messages -------------------------------------------------------------
     def error(self, message: str, hint: str | None = None) -> None:
-        self.err.print(Text.assemble(("error: ", "bold red"), message))
+        """One `error:` line and one `hint:` line, whatever a path or key in them holds."""
+        self.err.print(Text.assemble(("error: ", "bold red"), printable(message)))
         if hint:
-            self.err.print(Text.assemble(("hint: ", "yellow"), hint))
+            self.err.print(Text.assemble(("hint: ", "yellow"), printable(hint)))
 
     def info(self, message: str) -> None:
         if not (self.quiet or self.json_mode):

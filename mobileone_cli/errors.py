@@ -15,6 +15,11 @@ EXIT_VERIFICATION_FAILED = 3
 EXIT_EXPORT_FAILED = 4
 
 
+def printable(text: str) -> str:
+    """`text` as one visible line: a key, path or name may hold line breaks or controls."""
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 class MobileOneError(Exception):
     """A problem the user can fix; carries a one-line message and a hint."""
 

@@ -14,16 +14,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mobileone_cli.errors import EXIT_OK, EXIT_VERIFICATION_FAILED, OutputError, UsageError
+from mobileone_cli.errors import (
+    EXIT_OK,
+    EXIT_VERIFICATION_FAILED,
+    BadCheckpointError,
+    UsageError,
+)
 from mobileone_cli.export import Artifact
 from mobileone_cli.export.coreml import CoreMLOptions
 from mobileone_cli.export.onnx import OnnxOptions
-from mobileone_cli.errors import BadCheckpointError
 from mobileone_cli.verify import DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, Verification
 
 if TYPE_CHECKING:
     from mobileone_cli.api import FoldedModel, ModelSummary
-    from mobileone_cli.verify import Candidate, ReferenceRun
+    from mobileone_cli.verify import ReferenceRun
 
 FORMATS = ("safetensors", "onnx", "coreml")
 SUFFIXES = {"safetensors": ".safetensors", "onnx": ".onnx", "coreml": ".mlpackage"}
@@ -53,8 +57,8 @@ class GateCheck:
 
     def message(self) -> str:
         excess = self.value - self.limit
-        return (f"--{self.name.replace('_', '-')} failed: {self.subject} is {_number(self.value)}, "
-                f"over the limit {_number(self.limit)} by {_number(excess)} "
+        return (f"--{self.name.replace('_', '-')} failed: {self.subject} is {format_number(self.value)}, "
+                f"over the limit {format_number(self.limit)} by {format_number(excess)} "
                 f"({excess / self.limit:.1%})")
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,7 +66,7 @@ class GateCheck:
                 "value": self.value, "passed": self.passed}
 
 
-def _number(value: float) -> str:
+def format_number(value: float) -> str:
     """Counts with thousands separators (2,078,504), sizes to four digits (8.323)."""
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
 
@@ -80,6 +84,8 @@ class ExportOptions:
     ema: bool = False
     layout: str | None = None
     labels_file: Path | None = None
+    dtype: str = "float32"
+    """dtype of the safetensors file's weights."""
     gates: Gates = field(default_factory=Gates)
     command: tuple[str, ...] = ()
     """The command line, recorded in a bundle's manifest."""
@@ -255,9 +261,8 @@ def _write_and_verify(name: str, path: Path, folded: FoldedModel, options: Expor
     if name == "safetensors":
         from mobileone_cli.export import safetensors as backend
 
-        path.write_bytes(backend.serialize(folded.state, layout=options.layout or loaded.layout,
-                                           metadata=metadata))
-        return compare(folded.reference, safetensors_candidate(path), rtol=options.rtol)
+        return backend.export(folded, path, layout=options.layout or loaded.layout,
+                              metadata=metadata, dtype=options.dtype, rtol=options.rtol)
     if name == "onnx":
         from mobileone_cli.export import onnx as onnx_backend
 
@@ -293,16 +298,6 @@ def verify_coreml(path: Path, reference: ReferenceRun, *, folded: FoldedModel,
     tolerance = backend.fp16_tolerance(folded.build(), reference,
                                        probabilities=description.is_classifier)
     return tolerance.apply(compare(reference, candidate, rtol=tolerance.rtol))
-
-
-def safetensors_candidate(path: Path) -> Candidate:
-    """The written file re-read and rebuilt: proof of the bytes, not of the tensors in memory."""
-    from mobileone_cli.checkpoint import load_checkpoint
-    from mobileone_cli.model import build_model
-    from mobileone_cli.verify import torch_candidate
-
-    written = load_checkpoint(path)
-    return torch_candidate(build_model(written.spec, written.state))
 
 
 def _with_size(options: Any, size: int, **changes: Any) -> Any:
@@ -381,18 +376,21 @@ def verify_artifact(options: VerifyOptions, *, progress: Progress | None = None)
     if static_size(options.artifact, kind):
         reference = reference.restricted_to(size, size)
     report(f"running the {kind} artifact")
+    folded = FoldedModel(loaded, fold_state(loaded.spec, loaded.state), reference,
+                         verification=None)  # type: ignore[arg-type]
     try:
         if kind == "coreml":
-            folded = FoldedModel(loaded, fold_state(loaded.spec, loaded.state), reference,
-                                 verification=None)  # type: ignore[arg-type]
             verification = verify_coreml(options.artifact, reference, folded=folded,
                                          rtol=options.rtol)
-        else:
+        elif kind == "onnx":
             from mobileone_cli.export import onnx as onnx_backend
 
-            candidate = (onnx_backend.candidate(options.artifact) if kind == "onnx"
-                         else safetensors_candidate(options.artifact))
-            verification = compare(reference, candidate, rtol=options.rtol)
+            verification = compare(reference, onnx_backend.candidate(options.artifact),
+                                   rtol=options.rtol)
+        else:
+            from mobileone_cli.export.safetensors import verify_file
+
+            verification = verify_file(options.artifact, folded, rtol=options.rtol)
     except ValueError as error:  # output or input shapes that do not fit the checkpoint
         raise BadCheckpointError(f"{options.artifact} is not an export of {options.against.name}: "
                                  f"{error}", hint="check which checkpoint the artifact came from"

@@ -40,14 +40,6 @@ def staging_path(destination: Path) -> Iterator[Path]:
         remove_path(handle)
 
 
-@contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a staging path for `path`; move it into place only if the block succeeds."""
-    with staging_path(path) as staged:
-        yield staged
-        replace_path(staged, path)
-
-
 def replace_path(source: Path, destination: Path) -> None:
     """Move a finished file or folder over `destination` (atomic for files)."""
     if source.is_dir():

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mobileone_cli.errors import BadCheckpointError, UsageError
+from mobileone_cli.errors import BadCheckpointError, UsageError, printable
 
 if TYPE_CHECKING:
     import torch
@@ -120,10 +120,12 @@ def _detect_format(path: Path) -> str:
         raise BadCheckpointError(f"{path} is empty", hint=_FETCH_AGAIN)
     if head.startswith(_ZIP_MAGIC):
         return "torch-zip"
-    if head[0] == _PICKLE_PROTO:
-        return "torch-legacy"
+    # Before the pickle test: one safetensors header length in 256 starts with byte 0x80, while
+    # byte 8 of a legacy torch file is always 0xf9 (inside the pickled magic number).
     if head[8:9] == b"{":  # 8-byte little-endian header length, then the JSON header
         return "safetensors"
+    if head[0] == _PICKLE_PROTO:
+        return "torch-legacy"
     raise BadCheckpointError(
         f"{path} is not a PyTorch or safetensors checkpoint (unrecognised content)",
         hint="mobileone reads files written by torch.save (.pth, .pth.tar, .pt, .bin) "
@@ -249,7 +251,7 @@ def _reason(error: BaseException) -> str:
 
 
 def _listing(names: list[str], limit: int = 5) -> str:
-    shown = ", ".join(names[:limit])
+    shown = ", ".join(printable(name) for name in names[:limit])
     return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 

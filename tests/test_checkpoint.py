@@ -139,3 +139,89 @@ def test_fp16_and_bf16_checkpoints_are_accepted(tmp_path: Path) -> None:
                  for k, v in canonical_state("s0").items()}
         loaded = load_checkpoint(_save(tmp_path / f"{dtype}.pth", state))
         assert loaded.source_dtype == str(dtype).removeprefix("torch.")
+
+
+# -- Found by the property in tests/test_robustness.py: each crashed, misread or printed
+# -- more than one line before its fix.
+def _stage0_kernels(size: int) -> dict[str, torch.Tensor]:
+    """Every conv branch of timm S0's first depthwise block resized to size x size."""
+    return {f"stages.0.0.conv_kxk.{branch}.conv.weight": torch.randn(48, 1, size, size)
+            for branch in range(4)}
+
+
+FOUND_PROBLEMS = {
+    "outputs that do not split into the next block's groups": (
+        lambda s: s.update({"stem.conv_kxk.0.conv.weight": torch.randn(49, 3, 3, 3)}),
+        r"shape mismatch: 'stages\.0\.0\.' kernel \(48, 1, 3, 3\) does not fit 49 input"),
+    "a 0-d classifier": (
+        lambda s: s.update({"head.fc.weight": torch.tensor(1.0)}),
+        r"'head\.fc\.weight' is \(\), expected one row per class"),
+    "a classifier of no classes": (
+        lambda s: s.update({"head.fc.weight": torch.zeros(0, 1024), "head.fc.bias": torch.zeros(0)}),
+        r"'head\.fc\.weight' is \(0, 1024\), expected one row per class"),
+    "even kernels in every branch of a block": (
+        lambda s: s.update(_stage0_kernels(2)),
+        r"'stages\.0\.0\.' kernel \(48, 1, 2, 2\) is not an odd k x k kernel"),
+    "empty kernels in every branch of a block": (
+        lambda s: s.update(_stage0_kernels(0)),
+        r"'stages\.0\.0\.' kernel \(48, 1, 0, 0\) is not an odd k x k kernel"),
+    "a 5-d kernel": (
+        lambda s: s.update({"stem.conv_kxk.0.conv.weight": torch.zeros(48, 3, 3, 3, 1)}),
+        r"shape mismatch: 'stem\.conv_kxk\.0\.conv\.weight' is \(48, 3, 3, 3, 1\), expected a 4-d"),
+    "float8 weights": (
+        lambda s: s.update({"head.fc.bias": s["head.fc.bias"].to(torch.float8_e4m3fn)}),
+        (r"'head\.fc\.bias' has dtype float8_e4m3fn; weights must be float16, bfloat16, "
+         r"float32 or float64$")),
+    "a meta tensor": (
+        lambda s: s.update({"head.fc.bias": s["head.fc.bias"].to("meta")}),
+        r"'head\.fc\.bias' is a meta tensor \(no values\)"),
+    "a sparse tensor": (
+        lambda s: s.update({"head.fc.bias": s["head.fc.bias"].to_sparse()}),
+        r"'head\.fc\.bias' is a sparse_coo tensor"),
+    "one tensor under two namings": (
+        lambda s: s.update({"stages_1.0.conv_kxk.0.bn.weight": torch.ones(48)}),
+        (r"keys 'stages\.1\.0\.conv_kxk\.0\.bn\.weight' and "
+         r"'stages_1\.0\.conv_kxk\.0\.bn\.weight' name the same tensor")),
+    "a key with a line break": (
+        lambda s: s.update({"extra\nkey\x1c": torch.zeros(1)}),
+        r"unexpected keys: extra\\nkey\\x1c$"),
+}
+
+
+@pytest.mark.parametrize("name", FOUND_PROBLEMS)
+def test_problems_found_by_the_property_are_one_line_refusals(tmp_path: Path, name: str) -> None:
+    change, message = FOUND_PROBLEMS[name]
+    state = {k: v.clone() for k, v in state_in_layout(canonical_state("s0"), "timm").items()}
+    change(state)
+    with pytest.raises(BadCheckpointError, match=message) as caught:
+        load_checkpoint(_save(tmp_path / "broken.pth", state))
+    assert len(caught.value.message.splitlines()) == 1
+
+
+def test_a_block_index_with_a_leading_zero_cannot_shadow_the_real_block(tmp_path: Path) -> None:
+    state = dict(canonical_state("s0"))
+    state["stage1.00.rbr_conv.0.bn.weight"] = torch.ones(48)  # parses as block 0 too
+    with pytest.raises(BadCheckpointError, match="'stage1.0.rbr_conv.0.bn.weight' and "
+                                                 "'stage1.00.rbr_conv.0.bn.weight' name the same"):
+        load_checkpoint(_save(tmp_path / "twice.pth", state))
+
+
+def test_names_from_the_file_are_shown_on_one_line(tmp_path: Path) -> None:
+    with pytest.raises(BadCheckpointError, match=r"\(first keys: 'conv\\n1\.weight'\)") as caught:
+        load_checkpoint(_save(tmp_path / "other.pth", {"conv\n1.weight": torch.zeros(1)}))
+    assert "\n" not in caught.value.message
+    with pytest.raises(BadCheckpointError, match=r"top-level keys: epoch\\r\\n") as caught:
+        load_checkpoint(_save(tmp_path / "empty.pth", {"epoch\r\n": 3}))  # type: ignore[dict-item]
+    assert "\n" not in caught.value.message
+
+
+def test_a_safetensors_header_length_starting_with_0x80_is_not_a_pickle(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "s0.safetensors"
+    for size in range(256):  # one header length in 256 has 0x80 as its first byte
+        save_file(canonical_state("s0"), str(path), metadata={"pad": "x" * size})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert load_checkpoint(path).variant == "s0"

@@ -208,3 +208,35 @@ def test_help_and_version_import_no_torch() -> None:
         )
         result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
         assert result.stderr.strip().endswith("NO-TORCH"), result.stderr
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reduced_dtype_output_is_verified_against_its_storage_floor(
+    s0_checkpoint: Path, tmp_path: Path, dtype: str
+) -> None:
+    out = tmp_path / "s0.safetensors"
+    code, stdout, stderr = run("fold", s0_checkpoint, "-o", out, "--dtype", dtype,
+                               "--input-size", "96", "--json")
+    assert code == 0, stderr
+    written = json.loads(stdout)["outputs"][0]["verification"]
+    assert f"2 x {dtype} storage floor" in written["tolerance_rule"]
+    assert written["passed"] and written["max_rel_diff"] > 10 * json.loads(stdout)[
+        "verification"]["max_rel_diff"]  # rounding the weights costs far more than folding
+    with safe_open(str(out), framework="pt") as handle:
+        assert {str(handle.get_slice(k).get_dtype()) for k in handle.keys()} == {
+            {"float16": "F16", "bfloat16": "BF16"}[dtype]}
+    code, _, _ = run("verify", out, "--against", s0_checkpoint, "--input-size", "96")
+    assert code == 0
+
+
+def test_a_tampered_fp16_file_fails_verify(s0_checkpoint: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "s0.safetensors"
+    assert run("fold", s0_checkpoint, "-o", out, "--dtype", "float16", "--input-size", "96")[0] == 0
+    tensors = load_file(str(out))
+    tensors["stage0.reparam_conv.weight"] = -tensors["stage0.reparam_conv.weight"]
+    tampered = tmp_path / "tampered.safetensors"
+    save_file(tensors, str(tampered))
+    code, _, stderr = run("verify", tampered, "--against", s0_checkpoint, "--input-size", "96")
+    assert code == 3 and "does not reproduce" in stderr

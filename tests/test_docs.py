@@ -20,13 +20,13 @@ CHANGELOG = (Path(__file__).resolve().parent.parent / "CHANGELOG.md").read_text(
 
 
 def section(command: str) -> str:
-    match = re.search(rf"^### mobileone {command}\n(.*?)(?=^##)", README, re.S | re.M)
+    match = re.search(rf"^### mobileone {command}\n(.*?)(?=^##)", README, re.DOTALL | re.MULTILINE)
     assert match, f"README has no '### mobileone {command}' section"
     return match.group(1)
 
 
 def documented_json_keys(command: str) -> set[str]:
-    match = re.search(r"JSON keys: (.*?)(?:\n\n|$)", section(command), re.S)
+    match = re.search(r"JSON keys: (.*?)(?:\n\n|$)", section(command), re.DOTALL)
     assert match, f"the README section of {command} documents no JSON keys"
     return set(re.findall(r"`([a-z0-9_]+)`", match.group(1)))
 
@@ -72,7 +72,7 @@ def test_documented_json_keys_are_the_emitted_ones(s0_checkpoint: Path, tmp_path
 
 
 def test_exit_codes_table_matches_the_code() -> None:
-    table = dict(re.findall(r"^\| (\d+) \| (\w+)", README, re.M))
+    table = dict(re.findall(r"^\| (\d+) \| (\w+)", README, re.MULTILINE))
     codes = {errors.EXIT_OK: "success", errors.EXIT_BAD_INPUT: "bad",
              errors.EXIT_USAGE: "usage", errors.EXIT_VERIFICATION_FAILED: "verification",
              errors.EXIT_EXPORT_FAILED: "export", 130: "interrupted"}

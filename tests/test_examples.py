@@ -8,12 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 WORKFLOW = Path(__file__).resolve().parent.parent / "examples" / "release-models.yml"
 
 
 def workflow_commands() -> list[str]:
-    return re.findall(r"^\s+run: (mobileone .*)$", WORKFLOW.read_text(), re.M)
+    return re.findall(r"^\s+run: (mobileone .*)$", WORKFLOW.read_text(), re.MULTILINE)
 
 
 def test_the_workflow_has_the_steps_the_readme_promises() -> None:
@@ -44,9 +43,9 @@ def test_documented_manifest_keys_are_the_written_ones(s0_checkpoint: Path,
     import json
 
     readme = (WORKFLOW.parent.parent / "README.md").read_text()
-    section = re.search(r"^### manifest\.json\n(.*?)(?=^##)", readme, re.S | re.M)
+    section = re.search(r"^### manifest\.json\n(.*?)(?=^##)", readme, re.DOTALL | re.MULTILINE)
     assert section, "README has no '### manifest.json' section"
-    first_cells = re.findall(r"^\| (`.*?) \|", section.group(1), re.M)
+    first_cells = re.findall(r"^\| (`.*?) \|", section.group(1), re.MULTILINE)
     documented = {key for cell in first_cells for key in re.findall(r"`([a-z0-9_.]+)`", cell)}
     result = subprocess.run([sys.executable, "-m", "mobileone_cli", "export", str(s0_checkpoint),
                              "--to", "all", "-o", "dist", "--input-size", "64"],

@@ -8,7 +8,7 @@ import torch
 from mobileone_cli.fold import fold_state, fuse_conv_batchnorm, identity_kernel, pad_to_kernel_size
 from mobileone_cli.model import FoldedBlock, MobileOne, TrainTimeBlock, build_model
 from mobileone_cli.synthetic import make_train_state
-from mobileone_cli.variants import ArchitectureSpec, BlockSpec, build_spec, VARIANTS
+from mobileone_cli.variants import VARIANTS, ArchitectureSpec, BlockSpec, build_spec
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> None:
