@@ -7,7 +7,7 @@ renders the result; Python users call the same functions. Nothing here prints.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -250,6 +250,7 @@ def fold_and_verify(
     input_size: int = DEFAULT_INPUT_SIZE,
 ) -> FoldedModel:
     from mobileone_cli.fold import fold_state
+    from mobileone_cli.model import build_model
     from mobileone_cli.verify import (
         compare,
         default_inputs,
@@ -261,10 +262,10 @@ def fold_and_verify(
     folded_state = fold_state(loaded.spec, loaded.state)
     batches = image_inputs(inputs_dir, size=input_size) if inputs_dir else default_inputs(input_size)
     reference = run_reference(loaded.spec, loaded.state, batches)
-    folded = FoldedModel(loaded=loaded, state=folded_state, reference=reference,
-                         verification=None)  # type: ignore[arg-type]
-    verification = compare(reference, torch_candidate(folded.build()), rtol=rtol)
-    return replace(folded, verification=verification)
+    folded_model = build_model(loaded.spec.folded(), folded_state)
+    verification = compare(reference, torch_candidate(folded_model), rtol=rtol)
+    return FoldedModel(loaded=loaded, state=folded_state, reference=reference,
+                       verification=verification)
 
 
 def file_metadata(

@@ -358,26 +358,22 @@ def artifact_format(path: Path) -> str:
 
 def verify_artifact(options: VerifyOptions, *, progress: Progress | None = None) -> ArtifactCheck:
     """Check a safetensors, ONNX or Core ML artifact against the train-time checkpoint."""
-    from mobileone_cli.api import FoldedModel
+    from mobileone_cli.api import fold_and_verify
     from mobileone_cli.checkpoint import load_checkpoint
     from mobileone_cli.files import sha256_path, size_of
-    from mobileone_cli.fold import fold_state
-    from mobileone_cli.verify import compare, default_inputs, image_inputs, run_reference
+    from mobileone_cli.verify import compare
 
     report = progress or (lambda message: None)
     kind = artifact_format(options.artifact)
     size = options.input_size or static_size(options.artifact, kind) or DEFAULT_INPUT_SIZE
     report("reading the train-time checkpoint")
     loaded = load_checkpoint(options.against, ema=options.ema)
-    batches = (image_inputs(options.inputs_dir, size=size) if options.inputs_dir
-               else default_inputs(size))
     report("running the train-time model")
-    reference = run_reference(loaded.spec, loaded.state, batches)
+    folded = fold_and_verify(loaded, inputs_dir=options.inputs_dir, input_size=size)
+    reference = folded.reference
     if static_size(options.artifact, kind):
         reference = reference.restricted_to(size, size)
     report(f"running the {kind} artifact")
-    folded = FoldedModel(loaded, fold_state(loaded.spec, loaded.state), reference,
-                         verification=None)  # type: ignore[arg-type]
     try:
         if kind == "coreml":
             verification = verify_coreml(options.artifact, reference, folded=folded,

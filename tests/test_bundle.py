@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from mobileone_cli.cli import main
+from mobileone_cli.files import sha256_path
 
 # safetensors + ONNX keep these tests fast; test_export_coreml covers the Core ML package.
 FAST = ["--to", "all"]
@@ -88,9 +89,9 @@ def test_same_checkpoint_gives_byte_identical_bundle(s0_checkpoint: Path, tmp_pa
         result = mobileone("export", s0_checkpoint, "--to", "all", "-o", "dist",
                            "--precision", "fp32", cwd=cwd)
         assert result.returncode == 0, result.stderr
-        digests.append({name: (cwd / "dist" / name).read_bytes()
+        digests.append({name: sha256_path(cwd / "dist" / name)
                         for name in ("manifest.json", "summary.md", "mobileone_s0.onnx",
-                                     "mobileone_s0.safetensors")})
+                                     "mobileone_s0.safetensors", "mobileone_s0.mlpackage")})
     assert digests[0] == digests[1]
 
 

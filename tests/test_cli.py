@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -240,3 +242,41 @@ def test_a_tampered_fp16_file_fails_verify(s0_checkpoint: Path, tmp_path: Path) 
     save_file(tensors, str(tampered))
     code, _, stderr = run("verify", tampered, "--against", s0_checkpoint, "--input-size", "96")
     assert code == 3 and "does not reproduce" in stderr
+
+
+def test_a_labels_file_with_the_wrong_count_is_refused_before_any_work(
+    s0_checkpoint: Path, tmp_path: Path
+) -> None:
+    labels = tmp_path / "labels.txt"
+    labels.write_text("cat\ndog\n")
+    out = tmp_path / "s0.mlpackage"
+    code, stdout, stderr = run("export", s0_checkpoint, "--to", "coreml", "-o", out,
+                               "--labels", labels)
+    assert code == 1 and stdout == ""
+    assert_one_line_error(stderr, "labels file has 2 labels, the model has 1000 classes")
+    assert list(tmp_path.iterdir()) == [labels]
+
+
+def test_unknown_export_format_is_a_usage_error(s0_checkpoint: Path) -> None:
+    code, _, stderr = run("export", s0_checkpoint, "--to", "tflite")
+    assert code == 2 and "'tflite' is not one of" in stderr
+
+
+def test_export_from_a_folded_safetensors_file(folded_s0: tuple[Path, dict],
+                                               tmp_path: Path) -> None:
+    out = tmp_path / "s0.onnx"
+    code, stdout, stderr = run("export", folded_s0[0], "--to", "onnx", "-o", out, "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    assert report["already_folded"] and report["artifacts"][0]["verification"]["passed"]
+
+
+def test_no_color_is_respected_on_a_terminal(s0_checkpoint: Path) -> None:
+    environment = {**os.environ, "FORCE_COLOR": "1", "TERM": "xterm-256color"}
+    coloured = subprocess.run([sys.executable, "-m", "mobileone_cli", "inspect",
+                               str(s0_checkpoint)], capture_output=True, text=True,
+                              env=environment)
+    plain = subprocess.run([sys.executable, "-m", "mobileone_cli", "inspect", str(s0_checkpoint)],
+                           capture_output=True, text=True, env={**environment, "NO_COLOR": "1"})
+    assert "\x1b[" in coloured.stdout  # the control: colour is on when forced
+    assert not re.search(r"\x1b\[[0-9;]*3[0-9]m", plain.stdout + plain.stderr)

@@ -26,7 +26,7 @@ def section(command: str) -> str:
 
 
 def documented_json_keys(command: str) -> set[str]:
-    match = re.search(r"JSON keys: (.*?)(?:\n\n|$)", section(command), re.DOTALL)
+    match = re.search(r"JSON keys[^:]*: (.*?)(?:\n\n|$)", section(command), re.DOTALL)
     assert match, f"the README section of {command} documents no JSON keys"
     return set(re.findall(r"`([a-z0-9_]+)`", match.group(1)))
 
@@ -58,14 +58,20 @@ def _json_of(*args: str) -> dict[str, Any]:
 
 
 def test_documented_json_keys_are_the_emitted_ones(s0_checkpoint: Path, tmp_path: Path) -> None:
+    onnx_file = str(tmp_path / "s0.onnx")
     emitted = {
         "inspect": _json_of("inspect", str(s0_checkpoint), "--json"),
         "fold": _json_of("fold", str(s0_checkpoint), "-o", str(tmp_path / "s0.safetensors"),
                          "--input-size", "64", "--json"),
+        "export": _json_of("export", str(s0_checkpoint), "--to", "onnx", "-o", onnx_file,
+                           "--input-size", "64", "--max-params", "3M", "--json"),
+        "verify": _json_of("verify", onnx_file, "--against", str(s0_checkpoint), "--json"),
+        "report": _json_of("report", str(s0_checkpoint), onnx_file, "--size", "64", "64",
+                           "--runs", "1", "--warmup", "0", "--json"),
     }
     for command, payload in emitted.items():
         documented = documented_json_keys(command)
-        if "every key of `inspect`" in section(command):
+        if "every key of `inspect`" in " ".join(section(command).split()):
             documented = (documented - {"inspect"}) | documented_json_keys("inspect")
         assert set(payload) <= documented, (command, set(payload) - documented)
         assert documented <= set(all_keys(payload)), (command, documented - set(all_keys(payload)))

@@ -62,3 +62,16 @@ def test_our_folded_tensors_match_the_peers_stats(folded: tuple, reference_dir: 
         assert float(value.double().norm()) == pytest.approx(expected["l2"], rel=1e-5), key
         assert float(value.double().sum()) == pytest.approx(
             expected["sum"], rel=1e-4, abs=1e-5 * expected["l2"] * value.numel() ** 0.5), key
+
+
+@pytest.mark.parametrize("name", ["apple_s0", "apple_s4"])
+def test_reference_checkpoints_export_and_verify(name: str, reference_dir: Path,
+                                                 tmp_path: Path) -> None:
+    from mobileone_cli.exporting import ExportOptions, export_model
+
+    # 96 px: the size does not change the graph, and the fp16 floor is measured at any size.
+    result = export_model(ExportOptions(source=reference_dir / f"{name}_train.safetensors",
+                                        formats=("onnx", "coreml"), output=tmp_path / "dist",
+                                        input_size=96))
+    assert result.written, [a.verification for a in result.artifacts]
+    assert {a.format for a in result.artifacts} == {"onnx", "coreml"}
