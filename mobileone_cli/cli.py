@@ -10,16 +10,17 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
 from mobileone_cli import __version__
-from mobileone_cli.console import Terminal
 from mobileone_cli.errors import MobileOneError
+
+if TYPE_CHECKING:
+    from mobileone_cli.console import Terminal
 from mobileone_cli.layouts import LAYOUTS
 from mobileone_cli.verify import AUTO_TOLERANCE, DEFAULT_INPUT_SIZE
 
@@ -64,11 +65,17 @@ class MobileOneGroup(click.Group):
         try:
             return super().invoke(ctx)
         except MobileOneError as error:
+            from mobileone_cli.console import Terminal
+
             if ctx.params.get("debug"):
+                import traceback
+
                 traceback.print_exc()
             Terminal().error(error.message, error.hint)
             ctx.exit(error.exit_code)
         except KeyboardInterrupt:
+            from mobileone_cli.console import Terminal
+
             Terminal().error("interrupted; nothing was written")
             ctx.exit(EXIT_INTERRUPTED)
 
@@ -79,6 +86,8 @@ def run_and_render(ctx: click.Context, *, json_mode: bool, activity: str,
 
     `call` receives a progress callback that updates the spinner's text.
     """
+    from mobileone_cli.console import Terminal
+
     terminal = Terminal(json_mode=json_mode, quiet=bool(ctx.find_root().params.get("quiet")))
     with terminal.progress(activity) as update:
         result = call(update)
@@ -159,7 +168,7 @@ def inspect_command(ctx: click.Context, checkpoint: Path, ema: bool, json_mode: 
 
     run_and_render(ctx, json_mode=json_mode, activity="reading checkpoint",
                    call=lambda update: inspect_checkpoint(checkpoint, ema=ema),
-                   render=Terminal.model_summary)
+                   render=lambda terminal, result: terminal.model_summary(result))
 
 
 @main.command("fold")
@@ -182,7 +191,8 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
                           input_size=input_size, layout=layout, ema=ema, force=force,
                           dtype=dtype)
     run_and_render(ctx, json_mode=json_mode, activity="folding and verifying",
-                   call=lambda update: fold_checkpoint(options), render=Terminal.fold_result)
+                   call=lambda update: fold_checkpoint(options),
+                   render=lambda terminal, result: terminal.fold_result(result))
 
 
 @main.command("export")
@@ -252,7 +262,7 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
     )
     run_and_render(ctx, json_mode=json_mode, activity="exporting",
                    call=lambda update: export_model(options, progress=update),
-                   render=Terminal.export_result)
+                   render=lambda terminal, result: terminal.export_result(result))
 
 
 @main.command("verify")
@@ -287,7 +297,7 @@ def verify_command(ctx: click.Context, artifact: Path | None, manifest: Path | N
 
         run_and_render(ctx, json_mode=json_mode, activity="checking the bundle",
                        call=lambda update: verify_manifest(manifest, against=against, rtol=rtol),
-                       render=Terminal.manifest_check)
+                       render=lambda terminal, result: terminal.manifest_check(result))
         return
     if artifact is None or against is None:
         raise click.UsageError("ARTIFACT needs --against CHECKPOINT")
@@ -297,7 +307,7 @@ def verify_command(ctx: click.Context, artifact: Path | None, manifest: Path | N
                             input_size=input_size, rtol=rtol, ema=ema)
     run_and_render(ctx, json_mode=json_mode, activity="verifying",
                    call=lambda update: verify_artifact(options, progress=update),
-                   render=Terminal.artifact_check)
+                   render=lambda terminal, result: terminal.artifact_check(result))
 
 
 @main.command("demo")
@@ -350,7 +360,8 @@ def report_command(ctx: click.Context, sources: tuple[Path, ...], latency: bool,
     options = ReportOptions(sources=sources, latency=latency, batch=batch, size=size,
                             threads=threads, runs=runs, warmup=warmup, per_stage=per_stage)
     run_and_render(ctx, json_mode=json_mode, activity="measuring params, MACs and latency",
-                   call=lambda update: report_sources(options), render=Terminal.report)
+                   call=lambda update: report_sources(options),
+                   render=lambda terminal, result: terminal.report(result))
 
 
 def entry_point() -> None:
