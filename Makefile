@@ -20,7 +20,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mobileone demo
 
-test: $(STAMP)
+# The lint runs first: a red lint fails the run before the (long) suite starts.
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

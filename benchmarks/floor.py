@@ -27,8 +27,8 @@ import sys
 import torch
 
 from mobileone_cli.model import BATCHNORM_EPS, build_model
+from mobileone_cli.proof.inputs import default_inputs
 from mobileone_cli.variants import VARIANTS, ArchitectureSpec, BlockSpec, build_spec
-from mobileone_cli.verify import default_inputs
 
 State = dict[str, torch.Tensor]
 

@@ -549,7 +549,8 @@ def race_help(settings: Settings) -> HelpRace:
 
 def latency_report(variant: str, checkpoint: Path, onnx_file: Path, settings: Settings) -> Report:
     """`mobileone report CHECKPOINT ONNX` through its API: train-time, folded and ONNX."""
-    from mobileone_cli.report import ReportOptions, report_sources
+    from mobileone_cli.options import ReportOptions
+    from mobileone_cli.report import report_sources
 
     return report_sources(ReportOptions(sources=(checkpoint, onnx_file), batch=1,
                                         size=(INPUT_SIZE, INPUT_SIZE), threads=settings.threads,
@@ -671,7 +672,7 @@ def machine_section(machine: Machine, settings: Settings) -> str:
     stack = ", ".join(f"{name} {version}" for name, version in machine.versions.items())
     share = machine.others_share()
     loads = machine.loads or [os.getloadavg()[0]]
-    disturbed = share is not None and share > 0.1 or machine.started_busy > 0
+    disturbed = (share is not None and share > 0.1) or machine.started_busy > 0
     verdict = ("other jobs competed for the cores: absolute times are inflated, the ratios "
                "pair runs made side by side" if disturbed else "the machine was otherwise quiet")
     hardware = (f"- **Machine**: {machine.cpu}, {machine.cores} cores, {ram}, "

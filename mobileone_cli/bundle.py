@@ -4,80 +4,87 @@ The manifest is reproducible by construction: artifact paths are relative to
 the bundle, the source is named by file name and hash, figures are rounded to
 three significant digits (thread scheduling may move the last bits of an fp32
 sum), keys are sorted, and nothing records a time, a host or an absolute path.
+Folder artifacts (`.mlpackage`) are hashed by the scheme `files.sha256_path`
+documents, which `sha256sum` reproduces.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
-from dataclasses import dataclass
+from collections.abc import Sequence
 from importlib import metadata as package_metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mobileone_cli import __version__
-from mobileone_cli.errors import EXIT_OK, EXIT_VERIFICATION_FAILED, BadCheckpointError
-from mobileone_cli.verify import IMAGENET_MEAN, IMAGENET_STD
-
-if TYPE_CHECKING:
-    from mobileone_cli.api import FoldedModel
-    from mobileone_cli.exporting import ExportOptions, ExportResult
+from mobileone_cli.errors import BadArtifactError
+from mobileone_cli.files import sha256_path
+from mobileone_cli.results import ExportResult, HashCheck, format_number, significant
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.md"
-SCHEMA = "mobileone-manifest/1"
-RECORDED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "coremltools", "numpy")
+SCHEMA = "mobileone-manifest/2"
+RECORDED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "coremltools", "numpy",
+                     "executorch", "litert-torch", "ai-edge-litert")
+_NOT_A_BUNDLE_HINT = "pass the manifest.json of a bundle written by `mobileone export --to all`"
 
 
-def write_bundle_files(folder: Path, result: ExportResult, *, folded: FoldedModel,
-                       options: ExportOptions) -> None:
-    manifest = build_manifest(result, folded=folded, options=options)
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    (folder / SUMMARY).write_text(render_summary(manifest))
+def write_bundle_files(folder: Path, manifest: dict[str, Any]) -> None:
+    """manifest.json and summary.md into the (staged) bundle folder."""
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n",
+                                   encoding="utf-8")
+    (folder / SUMMARY).write_text(render_summary(manifest), encoding="utf-8")
 
 
-def build_manifest(result: ExportResult, *, folded: FoldedModel,
-                   options: ExportOptions) -> dict[str, Any]:
-    from mobileone_cli.exporting import fused_macs
-    from mobileone_cli.files import size_of
-    from mobileone_cli.model import MobileOne
-    from mobileone_cli.report import measure_complexity
-
-    loaded = folded.loaded
-    size = options.input_size
-    train_macs = measure_complexity(MobileOne(loaded.spec), size=(size, size)).macs
+def build_manifest(result: ExportResult, *, model: dict[str, Any], input: dict[str, Any],
+                   command: Sequence[str], ema: bool,
+                   labels: Sequence[str] | None) -> dict[str, Any]:
+    """The manifest of a passed export (see the README's "manifest.json" for every field)."""
+    source = dict(model["source"])
+    described = {key: value for key, value in model.items() if key != "source"}
     return {
         "schema": SCHEMA,
         "tool": {"name": "mobileone", "version": __version__,
-                 "command": ["mobileone", *map(portable_argument, options.command)]},
+                 "command": ["mobileone", *map(portable_argument, command)]},
         "versions": package_versions(),
-        "source": {"name": loaded.source.name, "bytes": size_of(loaded.source),
-                   "sha256": loaded.sha256, "layout": loaded.layout, "dtype": loaded.source_dtype,
-                   "ema": options.ema},
-        "model": {
-            "variant": loaded.variant,
-            "layout": options.layout or loaded.layout,
-            "num_classes": loaded.spec.num_classes,
-            "params": {"train": result.summary.params.train, "fused": result.summary.params.fused},
-            "macs": {"train": train_macs, "fused": fused_macs(folded, size=size),
-                     "input_size": [size, size]},
-        },
-        "input": {"name": "image", "shape": [1, 3, size, size], "channel_order": "RGB",
-                  "layout": "NCHW", "scale": "0-1 (pixels / 255) before normalisation",
-                  "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                  "dynamic_batch": options.onnx.dynamic_batch,
-                  "dynamic_size": options.onnx.dynamic_size,
-                  "coreml_image_input": options.coreml.image_input},
-        "fold_verification": rounded(result.fold_verification.to_dict()),
-        "artifacts": [
-            {"path": artifact.path.name, "format": artifact.format, "bytes": artifact.bytes,
-             "sha256": artifact.sha256,
-             "verification": rounded(artifact.verification.to_dict())
-             if artifact.verification else None}
-            for artifact in result.artifacts
-        ],
+        "source": {**source, "ema": ema},
+        "model": described,
+        "input": input,
+        "labels": _labels_record(labels),
+        "fold_verification": significant(result.fold_verification.to_dict()),
+        "artifacts": [_artifact_record(artifact.to_dict()) for artifact in result.artifacts],
         "gates": [gate.to_dict() for gate in result.gates],
+        "skipped": [{"target": target, "reason": reason} for target, reason in result.skipped],
     }
+
+
+def _artifact_record(artifact: dict[str, Any]) -> dict[str, Any]:
+    declared = artifact["declared"] or {}
+    return {
+        "path": Path(artifact["path"]).name,
+        "format": artifact["format"],
+        "bytes": artifact["bytes"],
+        "sha256": artifact["sha256"],
+        "runtime": declared.get("runtime"),
+        "inputs": [{"name": declared.get("input_name"), "shape": declared.get("input_shape"),
+                    "dtype": declared.get("dtype"), "layout": declared.get("layout")}],
+        "outputs": [{"name": name, "dtype": declared.get("dtype"),
+                     "probabilities": declared.get("outputs_probabilities")}
+                    for name in declared.get("output_names", [])],
+        "precision": declared.get("precision"),
+        "format_details": declared.get("details", {}),
+        "verification": significant(artifact["verification"]),
+        "cost": significant(artifact["cost"]),
+    }
+
+
+def _labels_record(labels: Sequence[str] | None) -> dict[str, Any] | None:
+    if labels is None:
+        return None
+    text = "".join(f"{label}\n" for label in labels).encode("utf-8")
+    return {"count": len(labels), "sha256": hashlib.sha256(text).hexdigest()}
 
 
 def portable_argument(argument: str) -> str:
@@ -86,6 +93,7 @@ def portable_argument(argument: str) -> str:
 
 
 def package_versions() -> dict[str, str]:
+    """The tool's, Python's and every recorded package's version ("not installed" if absent)."""
     versions = {"mobileone": __version__, "python": platform.python_version()}
     for name in RECORDED_PACKAGES:
         try:
@@ -93,17 +101,6 @@ def package_versions() -> dict[str, str]:
         except package_metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def rounded(value: Any) -> Any:
-    """Floats to three significant digits, recursively; everything else as it is."""
-    if isinstance(value, float):
-        return float(f"{value:.3g}")
-    if isinstance(value, dict):
-        return {key: rounded(inner) for key, inner in value.items()}
-    if isinstance(value, list):
-        return [rounded(inner) for inner in value]
-    return value
 
 
 def render_summary(manifest: dict[str, Any]) -> str:
@@ -115,34 +112,35 @@ def render_summary(manifest: dict[str, Any]) -> str:
         f"## MobileOne {model['variant'].upper()} release bundle",
         "",
         (f"Source `{source['name']}` (sha256 `{source['sha256'][:12]}`, {source['layout']} layout), "
-        f"{classes} classes, input {'x'.join(map(str, manifest['input']['shape']))}."),
+         f"{classes} classes, input {'x'.join(map(str, manifest['input']['shape']))}."),
         (f"Params {model['params']['train'] / 1e6:.2f} M train-time → "
-        f"{model['params']['fused'] / 1e6:.2f} M folded; MACs {model['macs']['train'] / 1e6:,.0f} M"
-        f" → {model['macs']['fused'] / 1e6:,.0f} M."),
+         f"{model['params']['fused'] / 1e6:.2f} M folded; MACs {model['macs']['train'] / 1e6:,.0f} M"
+         f" → {model['macs']['fused'] / 1e6:,.0f} M."),
         "",
-        "| artifact | format | size | sha256 | max rel. error | tolerance | verified |",
-        "|---|---|---:|---|---:|---:|:---:|",
+        ("| artifact | format | precision | size | sha256 | max rel. error | tolerance | verified "
+         "| top-1 agreement | worst cosine |"),
+        "|---|---|---|---:|---|---:|---:|:---:|---:|---:|",
+        _row("(fold)", "torch", "fp32", None, None, manifest["fold_verification"], None),
     ]
-    fold = manifest["fold_verification"]
-    lines.append(_row("(fold)", "torch", None, None, fold))
     for artifact in manifest["artifacts"]:
-        lines.append(_row(artifact["path"], artifact["format"], artifact["bytes"],
-                          artifact["sha256"], artifact["verification"]))
-    from mobileone_cli.exporting import format_number
-
+        lines.append(_row(artifact["path"], artifact["format"], artifact["precision"],
+                          artifact["bytes"], artifact["sha256"], artifact["verification"],
+                          artifact["cost"]))
     for gate in manifest["gates"]:
         verdict = "passed" if gate["passed"] else "FAILED"
         lines.append(f"\nGate `--{gate['gate'].replace('_', '-')}` {format_number(gate['limit'])}: "
                      f"{gate['subject']} {format_number(gate['value'])}, {verdict}.")
+    for skipped in manifest["skipped"]:
+        lines.append(f"\nSkipped `{skipped['target']}`: {skipped['reason']}.")
     versions = manifest["versions"]
     lines += ["", (f"mobileone {versions['mobileone']}, torch {versions['torch']}, "
-                  f"onnx {versions['onnx']}, onnxruntime {versions['onnxruntime']}, "
-                  f"coremltools {versions['coremltools']}."), ""]
+                   f"onnx {versions['onnx']}, onnxruntime {versions['onnxruntime']}, "
+                   f"coremltools {versions['coremltools']}."), ""]
     return "\n".join(lines)
 
 
-def _row(name: str, kind: str, size: int | None, sha256: str | None,
-         verification: dict[str, Any] | None) -> str:
+def _row(name: str, kind: str, precision: str | None, size: int | None, sha256: str | None,
+         verification: dict[str, Any] | None, cost: dict[str, Any] | None) -> str:
     if verification is None:
         error, tolerance, verdict = "-", "-", "-"
     else:
@@ -150,86 +148,46 @@ def _row(name: str, kind: str, size: int | None, sha256: str | None,
         error = "non-finite" if relative is None else f"{relative:.2g}"
         tolerance = f"{verification['rtol']:.2g}"
         verdict = "✅" if verification["passed"] else "❌"
+    agreement, cosine = "-", "-"
+    figures = cost or verification
+    if figures is not None:
+        top1 = figures.get("top1_agreement")
+        agreement = "-" if top1 is None else f"{top1:.1%}"
+        worst = figures.get("worst_cosine", figures.get("cosine_similarity"))
+        cosine = "-" if worst is None else f"{worst:.4f}"
     shown_size = f"{size / 1e6:.1f} MB" if size is not None else "-"
     shown_hash = f"`{sha256[:12]}`" if sha256 else "-"
-    return f"| {name} | {kind} | {shown_size} | {shown_hash} | {error} | {tolerance} | {verdict} |"
+    return (f"| {name} | {kind} | {precision or '-'} | {shown_size} | {shown_hash} | {error} | "
+            f"{tolerance} | {verdict} | {agreement} | {cosine} |")
 
 
-@dataclass(frozen=True)
-class HashCheck:
-    path: str
-    expected: str
-    actual: str | None
-
-    @property
-    def passed(self) -> bool:
-        return self.actual == self.expected
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "expected": self.expected, "actual": self.actual,
-                "passed": self.passed}
+# --- checking a bundle later ----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ManifestCheck:
-    """A bundle checked later: every hash, and every artifact's numbers when a source is given."""
-
-    manifest: Path
-    hashes: tuple[HashCheck, ...]
-    verifications: tuple[Any, ...]
-    """exporting.ArtifactCheck per artifact, when --against was given."""
-
-    @property
-    def passed(self) -> bool:
-        return all(h.passed for h in self.hashes) and all(v.passed for v in self.verifications)
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_OK if self.passed else EXIT_VERIFICATION_FAILED
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"manifest": str(self.manifest), "passed": self.passed,
-                "hashes": [h.to_dict() for h in self.hashes],
-                "verifications": [v.to_dict() for v in self.verifications]}
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest at `path`, or one BadArtifactError line saying why it is not one of ours."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadArtifactError(f"cannot read manifest {path}: {error}",
+                               hint=_NOT_A_BUNDLE_HINT) from None
+    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
+        raise BadArtifactError(f"{path} is not a mobileone manifest (schema {SCHEMA})",
+                               hint=_NOT_A_BUNDLE_HINT)
+    return manifest
 
 
-def verify_manifest(manifest_path: Path, *, against: Path | None = None,
-                    rtol: float | None = None) -> ManifestCheck:
-    """Recompute every hash of a bundle; re-run each artifact's verification against `against`."""
-    from mobileone_cli.exporting import VerifyOptions, verify_artifact
-    from mobileone_cli.files import sha256_path
-    from mobileone_cli.reader import sha256_file
-
-    manifest = read_manifest(manifest_path)
-    folder = manifest_path.parent
+def check_hashes(manifest: dict[str, Any],
+                 folder: Path) -> tuple[tuple[HashCheck, ...], tuple[str, ...]]:
+    """Every artifact's recorded sha256 against the file in `folder`; and what else is wrong."""
     hashes = []
     for artifact in manifest["artifacts"]:
         path = folder / artifact["path"]
         hashes.append(HashCheck(artifact["path"], artifact["sha256"],
                                 sha256_path(path) if path.exists() else None))
-    verifications = []
-    if against is not None:
-        source = manifest["source"]
-        hashes.append(HashCheck(f"{against} (source)", source["sha256"], sha256_file(against)))
-        size = manifest["input"]["shape"][-1]
-        for artifact in manifest["artifacts"]:
-            path = folder / artifact["path"]
-            if path.exists():
-                verifications.append(verify_artifact(VerifyOptions(
-                    artifact=path, against=against, input_size=size, rtol=rtol)))
-    return ManifestCheck(manifest=manifest_path, hashes=tuple(hashes),
-                         verifications=tuple(verifications))
+    return tuple(hashes), ()
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadCheckpointError(f"cannot read manifest {path}: {error}",
-                                 hint="pass the manifest.json of a bundle written by "
-                                      "`mobileone export --to all`") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise BadCheckpointError(f"{path} is not a mobileone manifest (schema {SCHEMA})",
-                                 hint="pass the manifest.json of a bundle written by "
-                                      "`mobileone export --to all`")
-    return manifest
+def check_source_hash(manifest: dict[str, Any], against: Path, *, sha256: str) -> HashCheck:
+    """The checkpoint given with `--against` is the one the bundle was made from."""
+    return HashCheck(f"{against} (source)", manifest["source"]["sha256"], sha256)

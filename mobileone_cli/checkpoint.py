@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 from mobileone_cli.errors import BadCheckpointError, printable
 from mobileone_cli.layouts import LAYOUTS, KeyAddress, convert_key, get_layout, parse_key
+from mobileone_cli.model import expected_shapes
+from mobileone_cli.reader import RawCheckpoint, read_checkpoint
 from mobileone_cli.variants import STEM_IN_CHANNELS, ArchitectureSpec, BlockSpec, identify_variant
 
 if TYPE_CHECKING:
     import torch
-
-    from mobileone_cli.reader import RawCheckpoint
 
 # Parts by index in layouts._CANONICAL_PARTS.
 _CONV, _CONV_BN, _SCALE_CONV, _SCALE_BN, _SKIP, _SE_REDUCE, _SE_EXPAND, _REPARAM = range(8)
@@ -72,8 +72,6 @@ class LoadedCheckpoint:
 
 def load_checkpoint(path: Path, *, ema: bool = False) -> LoadedCheckpoint:
     """Read, recognise and validate a checkpoint file."""
-    from mobileone_cli.reader import read_checkpoint
-
     raw = read_checkpoint(path, ema=ema)
     return recognise(raw)
 
@@ -287,8 +285,6 @@ def _validate(
 ) -> None:
     import torch
 
-    from mobileone_cli.model import expected_shapes
-
     expected = expected_shapes(spec)
     if not any(key.endswith("num_batches_tracked") for key in state):
         # Older checkpoints and some converters drop this counter; folding never reads it.
@@ -316,7 +312,8 @@ def _validate(
         if key.endswith("num_batches_tracked"):
             continue
         if value.is_meta or value.layout != torch.strided:
-            kind = "a meta tensor (no values)" if value.is_meta else f"a {str(value.layout).removeprefix('torch.')} tensor"
+            layout_name = str(value.layout).removeprefix("torch.")
+            kind = "a meta tensor (no values)" if value.is_meta else f"a {layout_name} tensor"
             raise BadCheckpointError(
                 f"'{name}' is {kind}; weights must be dense tensors with values",
                 hint="save the state_dict() of a model whose weights are loaded, "

@@ -1,15 +1,21 @@
 """The `mobileone` command: parse options, call one API function, render its result.
 
-Only the standard library, click and rich are imported here at start-up, so
-`mobileone --help` never waits for torch. The group's `invoke` is the one place
-where a `MobileOneError` becomes `error: ...` / `hint: ...` and an exit code.
+Only the standard library, click and our light modules (errors, options,
+proof constants) are imported at start-up, so `mobileone --help` never waits
+for torch or rich: `api` (which pulls torch) and `console` (rich) are bound at
+module level but imported on first use (`_Deferred`). The group's `invoke` is the one place where a
+`MobileOneError` becomes `error: ...` / `hint: ...` and an exit code.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import signal
 import sys
+import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -17,14 +23,44 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import click
 
 from mobileone_cli import __version__
-from mobileone_cli.errors import MobileOneError
+from mobileone_cli.errors import EXIT_INTERRUPTED, MobileOneError
+from mobileone_cli.layouts import LAYOUTS
+from mobileone_cli.options import (
+    TARGETS,
+    CoreMLOptions,
+    ExportOptions,
+    FoldOptions,
+    Gates,
+    OnnxOptions,
+    ReportOptions,
+    SafetensorsOptions,
+    VerifyOptions,
+)
+from mobileone_cli.proof.compare import AUTO_TOLERANCE, DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
+from mobileone_cli.proof.inputs import DEFAULT_INPUT_SIZE, IMAGE_SUFFIXES
+
+
+class _Deferred:
+    """A module of ours, imported on its first attribute access (`importlib.import_module`).
+
+    Only for the two modules whose import is heavy: `api` (torch) and `console` (rich).
+    An import cut short by Ctrl-C is retried on the next access, as a plain import is.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(importlib.import_module(self._name), attribute)
+
 
 if TYPE_CHECKING:
-    from mobileone_cli.console import Terminal
-from mobileone_cli.layouts import LAYOUTS
-from mobileone_cli.verify import AUTO_TOLERANCE, DEFAULT_INPUT_SIZE
+    from mobileone_cli import api, console
+else:
+    api = _Deferred("mobileone_cli.api")
+    console = _Deferred("mobileone_cli.console")
 
-EXIT_INTERRUPTED = 130
+_IMAGE_KINDS = "/".join(suffix.removeprefix(".") for suffix in IMAGE_SUFFIXES)
 ARGUMENTS_KEY = "mobileone.arguments"
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
@@ -38,6 +74,7 @@ class SuffixedNumber(click.ParamType):
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> float:
+        """The number `value` denotes, or a usage error naming the accepted forms."""
         text = str(value).strip().lower()
         scale = self.SUFFIXES.get(text[-1:], 1.0)
         try:
@@ -57,40 +94,45 @@ class MobileOneGroup(click.Group):
     """Runs a command and turns the core's typed errors into one-line messages."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Parse as click does, keeping the raw arguments for the bundle manifest."""
         # The command line as given, for the bundle manifest (sys.argv is not it when embedded).
         ctx.meta[ARGUMENTS_KEY] = tuple(args)
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; a `MobileOneError` becomes `error:`/`hint:` lines and its exit code."""
         try:
             return super().invoke(ctx)
         except MobileOneError as error:
-            from mobileone_cli.console import Terminal
-
             if ctx.params.get("debug"):
-                import traceback
-
                 traceback.print_exc()
-            Terminal().error(error.message, error.hint)
+            console.Terminal().error(error.message, error.hint)
             ctx.exit(error.exit_code)
         except KeyboardInterrupt:
-            from mobileone_cli.console import Terminal
-
-            Terminal().error("interrupted; nothing was written")
+            console.Terminal().error("interrupted; nothing was written")
+            ctx.exit(EXIT_INTERRUPTED)
+        except (click.exceptions.Exit, click.ClickException):
+            raise  # click's own exits and usage errors: not failures of ours
+        except Exception:
+            # A library that catches the interrupt (a bare `except:` around an import) fails
+            # later in its own way (numpy: "CPU dispatcher tracer already initialized"):
+            # once a signal arrived, whatever unwinds is that interrupt.
+            if not _INTERRUPTS.signalled:
+                raise
+            console.Terminal().error("interrupted; nothing was written")
             ctx.exit(EXIT_INTERRUPTED)
 
 
 def run_and_render(ctx: click.Context, *, json_mode: bool, activity: str,
-                   call: Callable[..., Any], render: Callable[[Terminal, Any], None]) -> None:
+                   call: Callable[..., Any], render: Callable[[console.Terminal, Any], None]) -> None:
     """The one shape of every command: call the core, print JSON or tables, exit with its code.
 
     `call` receives a progress callback that updates the spinner's text.
     """
-    from mobileone_cli.console import Terminal
-
-    terminal = Terminal(json_mode=json_mode, quiet=bool(ctx.find_root().params.get("quiet")))
+    terminal = console.Terminal(json_mode=json_mode, quiet=bool(ctx.find_root().params.get("quiet")))
     with terminal.progress(activity) as update:
         result = call(update)
+    _INTERRUPTS.work_done = True
     if json_mode:
         terminal.emit_json(result.to_dict())
     else:
@@ -98,7 +140,24 @@ def run_and_render(ctx: click.Context, *, json_mode: bool, activity: str,
     ctx.exit(result.exit_code)
 
 
+def cost_gate_options(function: Any) -> Any:
+    """`--min-cosine` and `--min-agreement`, the gates on a reduced-precision artifact's cost."""
+    for option in reversed((
+        click.option("--min-cosine", type=click.FloatRange(min=-1, max=1),
+                     default=DEFAULT_MIN_COSINE, show_default=True,
+                     help="Gate for reduced-precision artifacts (fp16, bf16): lowest per-sample "
+                          "cosine against the fp32 train-time model."),
+        click.option("--min-agreement", type=click.FloatRange(min=0, max=1),
+                     default=DEFAULT_MIN_AGREEMENT, show_default=True,
+                     help="Gate for reduced-precision classifiers: lowest top-1 agreement with "
+                          "the fp32 train-time model."),
+    )):
+        function = option(function)
+    return function
+
+
 def json_option(function: Any) -> Any:
+    """`--json`, which every command takes."""
     return click.option("--json", "json_mode", is_flag=True,
                         help="Print exactly one JSON object on stdout and nothing else there.")(function)
 
@@ -108,9 +167,10 @@ def fold_options(function: Any) -> Any:
     for option in reversed((
         click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=None,
                      help="Largest max|candidate - train| / max|train| that passes "
-                          f"[default: {AUTO_TOLERANCE}; fp16 Core ML: its own fp16 floor]."),
+                          f"[default: {AUTO_TOLERANCE}; fp16/bf16 weights: + 2 x storage floor]."),
         click.option("--inputs", "inputs_dir", type=EXISTING_FOLDER,
-                     help="Verify on your own images (a folder of jpg/png) instead of seeded noise."),
+                     help=f"Verify on your own images (a folder of {_IMAGE_KINDS}) instead of "
+                          "seeded noise."),
         click.option("--input-size", type=click.IntRange(min=32), default=DEFAULT_INPUT_SIZE,
                      show_default=True, help="Side of the square inputs (and of static exports)."),
         click.option("--ema", is_flag=True, help="Use the EMA copy of the weights."),
@@ -124,10 +184,6 @@ def fold_options(function: Any) -> Any:
 
 def _silence_third_party() -> None:
     """Hide the chatter of torch, coremltools and onnx (version warnings, progress bars)."""
-    import logging
-    import os
-    import warnings
-
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TQDM_DISABLE", "1")
     for name in ("coremltools", "torch", "onnx", "onnxruntime", "onnxsim"):
@@ -151,9 +207,30 @@ def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
         _silence_third_party()
     # SIGTERM (a cancelled CI job) unwinds like Ctrl-C, so staged outputs are removed.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+
+
+class _Interrupts:
+    """The signals received, and whether the work is done (then a signal only waits).
+
+    `invoke` reads `signalled` to know a later failure is the interrupt's doing; once
+    the core has returned its result (files already in place), a signal no longer
+    unwinds, so the output and the exit code stay true to what was written.
+    """
+
+    def __init__(self) -> None:
+        self.signalled: list[int] = []
+        self.work_done = False
+
+
+_INTERRUPTS = _Interrupts()
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    """Record the signal, then unwind as Ctrl-C does unless the work is already done."""
+    _INTERRUPTS.signalled.append(signum)
+    if _INTERRUPTS.work_done:
+        return
     raise KeyboardInterrupt
 
 
@@ -164,10 +241,8 @@ def _interrupt(signum: int, frame: object) -> None:
 @click.pass_context
 def inspect_command(ctx: click.Context, checkpoint: Path, ema: bool, json_mode: bool) -> None:
     """Show layout, variant, architecture and parameters of CHECKPOINT."""
-    from mobileone_cli.api import inspect_checkpoint
-
     run_and_render(ctx, json_mode=json_mode, activity="reading checkpoint",
-                   call=lambda update: inspect_checkpoint(checkpoint, ema=ema),
+                   call=lambda update: api.inspect(checkpoint, ema=ema),
                    render=lambda terminal, result: terminal.model_summary(result))
 
 
@@ -185,21 +260,22 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
                  inputs_dir: Path | None, input_size: int, layout: str | None, ema: bool,
                  dtype: str, force: bool, json_mode: bool) -> None:
     """Fold CHECKPOINT, prove it equivalent, and write safetensors."""
-    from mobileone_cli.api import FoldOptions, fold_checkpoint
-
     options = FoldOptions(checkpoint=checkpoint, output=output, rtol=rtol, inputs_dir=inputs_dir,
                           input_size=input_size, layout=layout, ema=ema, force=force,
                           dtype=dtype)
     run_and_render(ctx, json_mode=json_mode, activity="folding and verifying",
-                   call=lambda update: fold_checkpoint(options),
-                   render=lambda terminal, result: terminal.fold_result(result))
+                   call=lambda update: api.fold(options, progress=update),
+                   render=lambda terminal, result: terminal.export_result(result))
 
 
 @main.command("export")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--to", "target", required=True,
-              type=click.Choice(["onnx", "coreml", "safetensors", "all"]),
-              help="Format to write; `all` writes safetensors, ONNX and Core ML side by side.")
+              type=click.Choice([*TARGETS, "all"], case_sensitive=False),
+              help="Target to write; `all` writes every installed target side by side.")
+@click.option("--require", "required", default="", metavar="TARGET,...",
+              help="With --to all: fail (instead of skipping) when one of these targets' "
+                   "packages is missing.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="File (one format) or folder (--to all); default derived from the variant.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
@@ -229,6 +305,7 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
               "export size; takes 3e8 or 300M.")
 @click.option("--max-size-mb", type=click.FloatRange(min=0, min_open=True),
               help="Gate: fail when any artifact is larger (MB of 10^6 bytes).")
+@cost_gate_options
 @json_option
 @click.pass_context
 def export_command(ctx: click.Context, source: Path, target: str, output: Path | None,
@@ -238,22 +315,23 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
                    image_input: bool, labels_file: Path | None, description: str | None,
                    model_version: str | None, author: str | None, license_text: str | None,
                    max_params: float | None, max_macs: float | None, max_size_mb: float | None,
+                   min_cosine: float, min_agreement: float, required: str,
                    json_mode: bool) -> None:
     """Export SOURCE to ONNX and/or Core ML, each verified against the train-time model.
 
     SOURCE is a train-time checkpoint (folded and verified on the way) or a
     safetensors file written by `mobileone fold`.
     """
-    from mobileone_cli.export.coreml import CoreMLOptions
-    from mobileone_cli.export.onnx import OnnxOptions
-    from mobileone_cli.exporting import FORMATS, ExportOptions, Gates, export_model
-
+    target = target.lower()
     options = ExportOptions(
-        source=source, formats=FORMATS if target == "all" else (target,), output=output,
+        source=source, targets=TARGETS if target == "all" else (target,), output=output,
         force=force, rtol=rtol, inputs_dir=inputs_dir, input_size=input_size, ema=ema,
-        layout=layout, labels_file=labels_file, dtype=dtype,
-        gates=Gates(max_params=max_params, max_macs=max_macs, max_size_mb=max_size_mb),
+        labels_file=labels_file,
+        gates=Gates(max_params=max_params, max_macs=max_macs, max_size_mb=max_size_mb,
+                    min_cosine=min_cosine, min_agreement=min_agreement),
         command=ctx.meta.get(ARGUMENTS_KEY, ()),
+        required=tuple(name.strip().lower() for name in required.split(",") if name.strip()),
+        safetensors=SafetensorsOptions(layout=layout, dtype=dtype),
         onnx=OnnxOptions(opset=opset, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size,
                          simplify=not no_simplify),
         coreml=CoreMLOptions(target=coreml_target, precision=precision, image_input=image_input,
@@ -261,7 +339,7 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
                              license=license_text),
     )
     run_and_render(ctx, json_mode=json_mode, activity="exporting",
-                   call=lambda update: export_model(options, progress=update),
+                   call=lambda update: api.export(options, progress=update),
                    render=lambda terminal, result: terminal.export_result(result))
 
 
@@ -276,13 +354,15 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
 @click.option("--input-size", type=click.IntRange(min=32),
               help="Side of the square inputs [default: the artifact's static size, else 224].")
 @click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=f"Tolerance [default: {AUTO_TOLERANCE}; fp16 Core ML: its own fp16 floor].")
+              help=f"Tolerance [default: {AUTO_TOLERANCE}; fp16/bf16 weights: + 2 x storage floor].")
 @click.option("--ema", is_flag=True, help="Use the EMA copy of the checkpoint's weights.")
+@cost_gate_options
 @json_option
 @click.pass_context
 def verify_command(ctx: click.Context, artifact: Path | None, manifest: Path | None,
                    against: Path | None, inputs_dir: Path | None, input_size: int | None,
-                   rtol: float | None, ema: bool, json_mode: bool) -> None:
+                   rtol: float | None, ema: bool, min_cosine: float, min_agreement: float,
+                   json_mode: bool) -> None:
     """Check ARTIFACT (safetensors, ONNX, Core ML) or a bundle's --manifest.
 
     `verify ARTIFACT --against CKPT` re-runs the numerical verification;
@@ -293,20 +373,19 @@ def verify_command(ctx: click.Context, artifact: Path | None, manifest: Path | N
     if (artifact is None) == (manifest is None):
         raise click.UsageError("give either ARTIFACT or --manifest")
     if manifest is not None:
-        from mobileone_cli.bundle import verify_manifest
-
         run_and_render(ctx, json_mode=json_mode, activity="checking the bundle",
-                       call=lambda update: verify_manifest(manifest, against=against, rtol=rtol),
+                       call=lambda update: api.verify_bundle(
+                           manifest, against=against, rtol=rtol, progress=update,
+                           gates=Gates(min_cosine=min_cosine, min_agreement=min_agreement)),
                        render=lambda terminal, result: terminal.manifest_check(result))
         return
     if artifact is None or against is None:
         raise click.UsageError("ARTIFACT needs --against CHECKPOINT")
-    from mobileone_cli.exporting import VerifyOptions, verify_artifact
-
     options = VerifyOptions(artifact=artifact, against=against, inputs_dir=inputs_dir,
-                            input_size=input_size, rtol=rtol, ema=ema)
+                            input_size=input_size, rtol=rtol, ema=ema,
+                            gates=Gates(min_cosine=min_cosine, min_agreement=min_agreement))
     run_and_render(ctx, json_mode=json_mode, activity="verifying",
-                   call=lambda update: verify_artifact(options, progress=update),
+                   call=lambda update: api.verify(options, progress=update),
                    render=lambda terminal, result: terminal.artifact_check(result))
 
 
@@ -318,15 +397,13 @@ def verify_command(ctx: click.Context, artifact: Path | None, manifest: Path | N
 @click.pass_context
 def demo_command(ctx: click.Context, output_dir: Path, json_mode: bool) -> None:
     """Build a seeded S0 checkpoint, fold and verify it: the whole job, no files needed."""
-    from mobileone_cli.api import run_demo
-
-    def render(terminal: Terminal, result: Any) -> None:
+    def render(terminal: console.Terminal, result: Any) -> None:
         terminal.info(f"generated a train-time S0 checkpoint at {result.summary.source}")
-        terminal.fold_result(result)
+        terminal.export_result(result)
 
     run_and_render(ctx, json_mode=json_mode,
                    activity="building a seeded S0 checkpoint, folding and verifying",
-                   call=lambda update: run_demo(output_dir), render=render)
+                   call=lambda update: api.demo(output_dir, progress=update), render=render)
 
 
 @main.command("report")
@@ -355,12 +432,10 @@ def report_command(ctx: click.Context, sources: tuple[Path, ...], latency: bool,
     Each SOURCE is a train-time checkpoint, a folded .safetensors file or an
     .onnx export. MACs count the conv and linear layers (the paper's FLOPs).
     """
-    from mobileone_cli.report import ReportOptions, report_sources
-
     options = ReportOptions(sources=sources, latency=latency, batch=batch, size=size,
                             threads=threads, runs=runs, warmup=warmup, per_stage=per_stage)
     run_and_render(ctx, json_mode=json_mode, activity="measuring params, MACs and latency",
-                   call=lambda update: report_sources(options),
+                   call=lambda update: api.report(options),
                    render=lambda terminal, result: terminal.report(result))
 
 

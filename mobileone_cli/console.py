@@ -16,21 +16,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
 from mobileone_cli.errors import printable
+from mobileone_cli.results import (
+    MAC_CONVENTION,
+    Artifact,
+    ArtifactCheck,
+    ExportResult,
+    ManifestCheck,
+    ModelSummary,
+    PrecisionCost,
+    Verification,
+)
 
 if TYPE_CHECKING:
-    from mobileone_cli.api import FoldResult, ModelSummary
-    from mobileone_cli.bundle import ManifestCheck
-    from mobileone_cli.export import Artifact
-    from mobileone_cli.exporting import ArtifactCheck, ExportResult
     from mobileone_cli.report import Report, SourceReport
-    from mobileone_cli.verify import Verification
 
 
 class Terminal:
+    """The one owner of rich output: tables and JSON to stdout, messages to stderr."""
+
     def __init__(self, *, json_mode: bool = False, quiet: bool = False) -> None:
         self.json_mode = json_mode
         self.quiet = quiet
@@ -48,6 +56,7 @@ class Terminal:
             self.err.print(Text.assemble(("hint: ", "yellow"), printable(hint)))
 
     def info(self, message: str) -> None:
+        """A note on stderr, unless quiet or printing JSON."""
         if not (self.quiet or self.json_mode):
             self.err.print(Text(message, style="dim"))
 
@@ -65,10 +74,12 @@ class Terminal:
 
     # -- data -----------------------------------------------------------------
     def emit_json(self, payload: dict[str, Any]) -> None:
+        """Exactly one JSON object on stdout."""
         sys.stdout.write(json.dumps(payload, indent=2, allow_nan=False) + "\n")
         sys.stdout.flush()
 
     def model_summary(self, summary: ModelSummary) -> None:
+        """Layout, variant, architecture table and parameter counts of a checkpoint."""
         classes = "headless backbone" if summary.num_classes is None else f"{summary.num_classes} classes"
         state = "already folded" if summary.already_folded else "train-time"
         self.out.print(Text(f"{summary.source}", style="bold"))
@@ -99,12 +110,14 @@ class Terminal:
         ))
 
     def verification(self, title: str, verification: Verification) -> None:
+        """The figures of one proof against its tolerance."""
         table = Table(title=Text(title, style="bold"), title_justify="left", show_edge=False)
         table.add_column("figure")
         table.add_column("value", justify="right")
         table.add_row("max |Δ|", f"{verification.max_abs_diff:.3g}")
         table.add_row("max relative |Δ|", f"{verification.max_rel_diff:.3g}")
         table.add_row("tolerance (rtol)", f"{verification.rtol:.3g}  ({verification.tolerance_rule})")
+        table.add_row("reference", verification.reference)
         table.add_row("fp32 noise floor", f"{verification.noise_floor:.3g}")
         ratio = verification.floor_ratio
         table.add_row("error / floor", "n/a" if ratio is None else f"{ratio:.2f}x")
@@ -118,22 +131,52 @@ class Terminal:
         self.out.print(Text("  inputs: " + "; ".join(verification.inputs), style="dim"))
 
     def artifacts(self, artifacts: tuple[Artifact, ...]) -> None:
+        """One `wrote ...` line per written artifact."""
         for artifact in artifacts:
             self.out.print(Text.assemble(
                 ("wrote ", "green"), str(artifact.path),
                 f"  ({artifact.format}, {_size(artifact.bytes)}, sha256 {artifact.sha256[:12]}…)",
             ))
 
+    def cost(self, title: str, cost: PrecisionCost) -> None:
+        """What a reduced-precision artifact gives up against the fp32 model, and its gates."""
+        table = Table(title=Text(title, style="bold"), title_justify="left", show_edge=False)
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        if cost.top1_agreement is not None:
+            table.add_row("top-1 agreement", f"{cost.top1_agreement:.1%}  "
+                          f"(gate --min-agreement {cost.min_agreement:g})")
+        if cost.top5_agreement is not None:
+            table.add_row("top-5 agreement", f"{cost.top5_agreement:.1%}")
+        table.add_row("mean cosine", f"{cost.mean_cosine:.6f}")
+        table.add_row("worst cosine", f"{cost.worst_cosine:.6f}  (gate --min-cosine {cost.min_cosine:g})")
+        table.add_row("max relative |Δ|", f"{cost.max_rel_diff:.3g}")
+        verdict = Text("within the gates", style="bold green") if cost.passed else Text(
+            "OVER THE GATES", style="bold red")
+        table.add_row("verdict", verdict)
+        self.out.print(table)
+
     def export_result(self, result: ExportResult) -> None:
+        """The fold's proof, each artifact's proof and cost, what was written or why not."""
         self.model_summary(result.summary)
         self.out.print()
-        self.verification("fold verification: folded vs train-time (fp32)",
-                          result.fold_verification)
+        fold = result.fold_verification
+        if result.summary.already_folded:
+            self.info("the source is already folded: nothing to fold; artifacts are proven "
+                      "against the source itself")
+        self.verification("fold verification: folded vs " + fold.reference, fold)
         for artifact in result.artifacts:
             if artifact.verification is not None:
                 self.out.print()
-                self.verification(f"{artifact.format}: {artifact.path.name} vs train-time",
+                self.verification(f"{artifact.format}: {artifact.path.name} vs "
+                                  f"{artifact.verification.reference} (conversion proof)",
                                   artifact.verification)
+            if artifact.cost is not None:
+                self.out.print()
+                self.cost(f"{artifact.format}: cost of {artifact.cost.precision} against the fp32 "
+                          "train-time model", artifact.cost)
+        for target, reason in result.skipped:
+            self.info(f"skipped --to {target}: {reason}")
         for gate in result.gates:
             if gate.passed:
                 self.info(f"gate --{gate.name.replace('_', '-')} passed: {gate.subject} within "
@@ -144,18 +187,42 @@ class Terminal:
                 self.out.print(Text.assemble(("wrote ", "green"), str(result.bundle / "manifest.json"),
                                              " and summary.md"))
             return
+        self._explain_failure(result)
+
+    def _explain_failure(self, result: ExportResult) -> None:
+        fold = result.fold_verification
+        if not fold.passed:
+            self.error(
+                f"the folded model differs from the train-time model by {fold.max_rel_diff:.3g} "
+                f"(relative), beyond the tolerance {fold.rtol:.3g}; nothing was written",
+                hint="this is a fold bug or a checkpoint the tool misreads; please report it",
+            )
+            return
+        unproven = [a.format for a in result.artifacts
+                    if a.verification is not None and not a.verification.passed]
+        if unproven:
+            self.error(f"{', '.join(unproven)} does not compute what the folded model computes; "
+                       "nothing was written",
+                       hint="run with --json for every figure; a converter bug, please report it")
+            return
+        costly = [a for a in result.artifacts if a.cost is not None and not a.cost.passed]
+        if costly:
+            first = costly[0].cost
+            assert first is not None
+            self.error(f"{first.precision} costs more than the gates allow "
+                       f"(worst cosine {first.worst_cosine:.4f}, top-1 agreement "
+                       f"{'-' if first.top1_agreement is None else f'{first.top1_agreement:.0%}'}); "
+                       "nothing was written",
+                       hint="keep full precision (--precision fp32 for Core ML, --dtype float32 "
+                            "for safetensors) or lower --min-cosine/--min-agreement (random or "
+                            "synthetic weights can legitimately cost this much)")
+            return
         failed_gates = [gate for gate in result.gates if not gate.passed]
-        failed = [a.format for a in result.artifacts
-                  if a.verification is not None and not a.verification.passed]
-        if failed_gates:
-            self.error("; ".join(gate.message() for gate in failed_gates) + "; nothing was written",
-                       hint="raise the limit, or choose a smaller variant")
-        else:
-            self.error(f"verification failed ({', '.join(failed) or 'fold'}); nothing was written",
-                       hint="run with --json for every figure; a fold or converter bug, "
-                            "please report it")
+        self.error("; ".join(gate.message() for gate in failed_gates) + "; nothing was written",
+                   hint="raise the limit, or choose a smaller variant")
 
     def manifest_check(self, check: ManifestCheck) -> None:
+        """Each file of a bundle: its hash and, when re-proven, its figures."""
         table = Table(title=Text(f"bundle {check.manifest}", style="bold"), title_justify="left",
                       show_edge=False)
         for column in ("file", "sha256", "numbers"):
@@ -167,40 +234,30 @@ class Terminal:
                           Text("ok" if entry.passed else
                                ("missing" if entry.actual is None else "CHANGED"),
                                style="green" if entry.passed else "bold red"),
-                          "-" if verified is None else Text(
+                          "-" if verified is None or verified.artifact.verification is None else Text(
                               f"{verified.artifact.verification.max_rel_diff:.3g} "
                               + ("ok" if verified.passed else "FAILED"),
                               style="green" if verified.passed else "bold red"))
         self.out.print(table)
+        for problem in check.problems:
+            self.err.print(Text.assemble(("problem: ", "bold red"), printable(problem)))
         if not check.passed:
             self.error(f"the bundle at {check.manifest.parent} does not hold what its manifest says",
                        hint="rebuild it with `mobileone export --to all`")
 
     def artifact_check(self, check: ArtifactCheck) -> None:
+        """One artifact's proof (and cost) against its checkpoint."""
         assert check.artifact.verification is not None
         self.verification(f"{check.artifact.format}: {check.artifact.path} vs {check.against}",
                           check.artifact.verification)
+        if check.artifact.cost is not None:
+            self.cost(f"cost of {check.artifact.cost.precision}", check.artifact.cost)
         if not check.passed:
             self.error(f"{check.artifact.path} does not reproduce {check.against}",
                        hint="the artifact was altered, or exported from another checkpoint")
 
-    def fold_result(self, result: FoldResult) -> None:
-        self.model_summary(result.summary)
-        self.out.print()
-        self.verification("fold verification: folded vs train-time (fp32)", result.verification)
-        self.artifacts(result.outputs)
-        if not result.verification.passed:
-            self.error(
-                f"the folded model differs from the train-time model by "
-                f"{result.verification.max_rel_diff:.3g} (relative), beyond the tolerance "
-                f"{result.verification.rtol:.3g}; nothing was written",
-                hint="this is a fold bug or a checkpoint the tool misreads; please report it",
-            )
-
     def report(self, report: Report) -> None:
         """One row per source: params and MACs train → fused, latency per runtime, file size."""
-        from mobileone_cli.report import MAC_CONVENTION
-
         height, width = report.size
         self.out.print(Text(f"MACs: {MAC_CONVENTION} · input {report.batch} x 3 x {height} x "
                             f"{width} · {report.threads} thread{'' if report.threads == 1 else 's'}",
@@ -250,7 +307,7 @@ class Terminal:
             table.add_column(column, justify="left" if column == "stage" else "right")
         fused = row.fused_stages or ()
         train = row.train_stages or (None,) * len(fused)
-        for before, after in zip(train, fused):
+        for before, after in zip(train, fused, strict=True):
             params = _report_pair(None if before is None else before.params, after.params)
             macs = _report_pair(None if before is None else before.macs, after.macs, macs=True)
             table.add_row(after.name, " x ".join(map(str, after.output_shape[1:])), params, macs)
@@ -258,8 +315,6 @@ class Terminal:
 
     def _print_whole(self, table: Table) -> None:
         """Piped output is as wide as the table needs: rich would wrap it at 80 columns."""
-        from rich.measure import Measurement
-
         if self.out.is_terminal:
             self.out.print(table)
             return

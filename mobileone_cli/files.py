@@ -60,6 +60,7 @@ def replace_path(source: Path, destination: Path) -> None:
 
 
 def remove_path(path: Path) -> None:
+    """Remove a file, link or folder if it is there."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
@@ -67,19 +68,32 @@ def remove_path(path: Path) -> None:
 
 
 def sha256_path(path: Path) -> str:
-    """sha256 of a file, or of a folder (sorted relative paths and contents)."""
+    """sha256 of a file; of a folder, the sha256 of its `sha256sum` listing.
+
+    For a folder (a Core ML package) the listing is one line per regular file,
+    `<sha256 of the file>  <path relative to the folder>`, sorted by path as
+    bytes, which this shell line reproduces:
+    `cd X.mlpackage && find . -type f -printf '%P\\0' | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum`
+    """
+    if not path.is_dir():
+        return _sha256_file(path)
+    files = sorted((p for p in path.rglob("*") if p.is_file()),
+                   key=lambda p: p.relative_to(path).as_posix().encode())
+    listing = "".join(f"{_sha256_file(file)}  {file.relative_to(path).as_posix()}\n"
+                      for file in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        if path.is_dir():
-            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with file.open("rb") as stream:
-            while chunk := stream.read(CHUNK):
-                digest.update(chunk)
+    with path.open("rb") as stream:
+        while chunk := stream.read(CHUNK):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
 def size_of(path: Path) -> int:
+    """Bytes of a file, or of every file in a folder."""
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size

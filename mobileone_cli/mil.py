@@ -36,9 +36,12 @@ Facts about saved programs this module relies on (coremltools 9):
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mobileone_cli.errors import ExportFailedError, UnsupportedOpError, UsageError
+from mobileone_cli.errors import BadArtifactError, ExportFailedError, UnsupportedOpError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -81,8 +84,18 @@ def summarize_program(package: Path) -> ProgramSummary:
     )
 
 
-def run_program(package: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+ARITHMETICS = ("declared", "fp32")
+
+
+def run_program(package: Path, inputs: dict[str, np.ndarray], *,
+                arithmetic: str = "declared") -> dict[str, np.ndarray]:
     """Evaluate the main function of a saved ML Program on numpy inputs; returns outputs by name.
+
+    `arithmetic="declared"` rounds every result to the dtype the program
+    declares for it, as the device computes. `"fp32"` widens every fp16 value
+    (stored weights included, which stay exactly as stored) to float32 and
+    treats casts to fp16 as no-ops: the program's own ops and weights with
+    float32 arithmetic, which an fp16 program's conversion proof compares.
 
     Every input of the program must be given, with its declared shape; values
     are converted to the declared dtype (as Core ML converts an fp32 array
@@ -92,12 +105,14 @@ def run_program(package: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.nd
     Raises `UnsupportedOpError` naming the first op type the evaluator does
     not know, before any arithmetic is done.
     """
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"arithmetic must be one of {ARITHMETICS}, not {arithmetic!r}")
     program = _read_program(package)
     _check_supported(program)
     values = _bind_inputs(program, inputs)
     weights = _WeightFiles(program.model_dir)
     for op in program.block.operations:
-        _evaluate(op, values, weights)
+        _evaluate(op, values, weights, widen=arithmetic == "fp32")
     return {name: values[name] for name in program.block.outputs}
 
 
@@ -118,7 +133,7 @@ class _Program:
 
 
 def _read_program(package: Path) -> _Program:
-    with _quiet_coremltools():
+    with quiet_coremltools():
         from coremltools.proto import Model_pb2
     from google.protobuf.message import DecodeError
 
@@ -127,19 +142,19 @@ def _read_program(package: Path) -> _Program:
     try:
         spec.ParseFromString(model_file.read_bytes())
     except (OSError, DecodeError) as error:
-        raise ExportFailedError(
+        raise BadArtifactError(
             f"cannot read the Core ML model {model_file}: {error}",
             hint="write the package again with coremltools' MLModel.save",
         ) from error
     kind = spec.WhichOneof("Type")
     if kind != "mlProgram":
-        raise ExportFailedError(
+        raise BadArtifactError(
             f"{package} holds a Core ML {kind} model, not an ML Program",
             hint="convert with convert_to='mlprogram'",
         )
     functions = spec.mlProgram.functions
     if _FUNCTION not in functions:
-        raise ExportFailedError(
+        raise BadArtifactError(
             f"the ML Program in {package} has no '{_FUNCTION}' function "
             f"(it has: {', '.join(sorted(functions)) or 'none'})"
         )
@@ -159,23 +174,48 @@ def _root_model_file(package: Path) -> Path:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
         root = manifest["itemInfoEntries"][manifest["rootModelIdentifier"]]["path"]
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ExportFailedError(
+        raise BadArtifactError(
             f"{package} is not a readable .mlpackage: {manifest_file} is missing or malformed",
             hint="pass the folder written by coremltools' MLModel.save",
         ) from error
     return package / "Data" / root
 
 
+# torch 2.13 deprecates torch.jit.trace (and trace_method, which it calls); coremltools
+# converts TorchScript, and the torch.export path is a different, beta frontend.
+_TRACE_DEPRECATED = r"`torch\.jit\.trace(_method)?` is deprecated"
+# coremltools drops the TemporaryDirectory of its weights without closing it.
+_TEMPORARY_DIRECTORY = r"Implicitly cleaning up"
+_CHATTY_LOGGERS = ("coremltools", "torch", "torch.utils._pytree", "torchao")
+
+
 @contextmanager
-def _quiet_coremltools() -> Iterator[None]:
-    """Mute the warnings coremltools logs on import (untested torch version, no Core ML runtime)."""
-    logger = logging.getLogger("coremltools")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def quiet_coremltools() -> Iterator[None]:
+    """Silence coremltools while it imports and converts, so the CLI prints nothing extra.
+
+    Its log lines (untested torch version, no Core ML runtime off a Mac) go
+    through the `coremltools` logger, which a level mutes. Its progress bars are
+    tqdm's, which obeys TQDM_DISABLE only if set before tqdm's first import
+    (`import torch` has done that already), so stderr, where tqdm draws, is
+    redirected instead. Python warnings (renamed outputs, torch's deprecation
+    of tracing) are filtered by message.
+    """
+    # coremltools imports torchao when it is installed (executorch brings it), whose import
+    # logs a deprecation through torch's own logger (`torch.utils._pytree`).
+    loggers = [logging.getLogger(name) for name in _CHATTY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.filterwarnings("ignore", message=_TRACE_DEPRECATED, category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message=".*has been renamed")
+            warnings.filterwarnings("ignore", message=_TEMPORARY_DIRECTORY,
+                                    category=ResourceWarning)
+            yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 # MIL dtype -> _BlobStorageReader method. fp16 comes back as raw uint16 bits.
@@ -212,7 +252,7 @@ class _WeightFiles:
     def _reader(self, file_name: str) -> Any:
         path = self._resolve(file_name)
         if path not in self._readers:
-            with _quiet_coremltools():
+            with quiet_coremltools():
                 from coremltools.libmilstoragepython import _BlobStorageReader
             self._readers[path] = _BlobStorageReader(str(path))
         return self._readers[path]
@@ -222,7 +262,7 @@ class _WeightFiles:
         path = (self._model_dir / relative).resolve()
         # A weight path that leaves the package is a broken (or hostile) model, not data to read.
         if not path.is_relative_to(self._model_dir.resolve()) or not path.is_file():
-            raise ExportFailedError(f"weight file {file_name} is missing from the package")
+            raise BadArtifactError(f"weight file {file_name} is missing from the package")
         return path
 
 
@@ -350,7 +390,7 @@ def _bind_inputs(program: _Program, inputs: Mapping[str, np.ndarray]) -> dict[st
 
 def _shape_matches(actual: tuple[int, ...], declared: tuple[int | str, ...]) -> bool:
     return len(actual) == len(declared) and all(
-        size == UNKNOWN_DIMENSION or size == got for got, size in zip(actual, declared)
+        size in (UNKNOWN_DIMENSION, got) for got, size in zip(actual, declared, strict=True)
     )
 
 
@@ -395,12 +435,16 @@ def _check_supported(program: _Program) -> None:
             )
 
 
-def _evaluate(op: Any, values: dict[str, Any], weights: _WeightFiles) -> None:
-    """Run one op and store its outputs in `values`, rounded to their declared dtypes."""
+def _evaluate(op: Any, values: dict[str, Any], weights: _WeightFiles, *, widen: bool) -> None:
+    """Run one op and store its outputs in `values`, rounded to their declared dtypes.
+
+    `widen`: fp16 results and constants become float32 instead (see `run_program`).
+    """
     output = op.outputs[0].name
     if op.type == "const":
         # A const op holds its value in the `val` attribute, not in its inputs.
-        values[output] = _value(op.attributes["val"], weights, where=f"const '{output}'")
+        value = _value(op.attributes["val"], weights, where=f"const '{output}'")
+        values[output] = _widened(value) if widen else value
         return
     call = _Op(
         type=op.type,
@@ -410,11 +454,23 @@ def _evaluate(op: Any, values: dict[str, Any], weights: _WeightFiles) -> None:
             for key, arg in op.inputs.items()
         },
     )
+    if widen and op.type == "cast" and str(call.arg("dtype")) == "fp16":
+        values[output] = _widened(call.arg("x"))
+        return
     results = _OPS[op.type](call)
     if len(op.outputs) == 1:
         results = (results,)
-    for declared, result in zip(op.outputs, results):
-        values[declared.name] = _conform(result, declared, call)
+    for declared, result in zip(op.outputs, results, strict=True):
+        values[declared.name] = _conform(result, declared, call, widen=widen)
+
+
+def _widened(value: Any) -> Any:
+    """An fp16 array as float32 (exactly: every fp16 value is a float32 value); else as it is."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray) and value.dtype == np.float16:
+        return value.astype(np.float32)
+    return value
 
 
 def _argument(binding: Any, values: Mapping[str, Any], weights: _WeightFiles, op_type: str) -> Any:
@@ -425,13 +481,18 @@ def _argument(binding: Any, values: Mapping[str, Any], weights: _WeightFiles, op
     return values[binding.name]
 
 
-def _conform(result: Any, declared: Any, op: _Op) -> Any:
-    """Round a tensor result to its declared dtype and check its shape against the program's."""
+def _conform(result: Any, declared: Any, op: _Op, *, widen: bool = False) -> Any:
+    """Round a tensor result to its declared dtype and check its shape against the program's.
+
+    `widen`: a result declared fp16 is kept in float32 instead.
+    """
     import numpy as np
 
     dtype = _dtype_name(declared.type)
     if dtype not in _NUMPY_DTYPES:
         return result  # strings, dicts: only the classify op makes them
+    if widen and dtype == "fp16":
+        dtype = "fp32"
     array = np.asarray(result).astype(_NUMPY_DTYPES[dtype], copy=False)
     shape = _shape(declared.type)
     if not _shape_matches(array.shape, shape):
@@ -612,7 +673,7 @@ def _padding(
     if pad_type not in ("same", "same_lower"):
         raise UnsupportedOpError(f"{op.where()} has pad_type '{pad_type}'")
     pads = []
-    for length, extent, stride, dilation in zip(size, kernel, strides, dilations):
+    for length, extent, stride, dilation in zip(size, kernel, strides, dilations, strict=True):
         # As coremltools' aggregated_pad: pad so the output has ceil(length / stride) positions.
         dilated = (extent - 1) * dilation + 1
         total = max(0, (math.ceil(length / stride) - 1) * stride + dilated - length)
@@ -634,7 +695,7 @@ def _windows(
     from numpy.lib.stride_tricks import sliding_window_view
 
     view = np.pad(x, [(0, 0), (0, 0), *pads])
-    for axis, (extent, dilation) in enumerate(zip(kernel, dilations), start=2):
+    for axis, (extent, dilation) in enumerate(zip(kernel, dilations, strict=True), start=2):
         # Each call appends one window axis at the end: N, C, *out, *kernel once done.
         view = sliding_window_view(view, (extent - 1) * dilation + 1, axis=axis)
     positions = tuple(slice(None, None, stride) for stride in strides)

@@ -7,7 +7,6 @@ numpy values, mmengine logs) become inert stand-ins; any other global refuses th
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import pickletools
 import re
@@ -19,13 +18,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mobileone_cli.errors import BadCheckpointError, UsageError, printable
+from mobileone_cli.files import sha256_path
 
 if TYPE_CHECKING:
     import torch
 
     StateDict = dict[str, torch.Tensor]
 
-CHUNK = 1 << 20
 _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTO = 0x80
 _PLAIN_KEYS = ("state_dict", "model", "module")
@@ -74,15 +73,6 @@ class _InertPlaceholder:
     def __call__(self, *args: object, **kwargs: object) -> None: ...
 
 
-def sha256_file(path: Path) -> str:
-    """sha256 hex digest of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_checkpoint(path: Path, *, ema: bool = False) -> RawCheckpoint:
     """Read `path` without running anything in it and return its flat state dict.
 
@@ -90,7 +80,7 @@ def read_checkpoint(path: Path, *, ema: bool = False) -> RawCheckpoint:
     UsageError when `ema` asks for an EMA copy the file does not hold.
     """
     file_format = _detect_format(path)
-    sha256 = sha256_file(path)
+    sha256 = sha256_path(path)
     extras: tuple[str, ...] = ()
     metadata: dict[str, str] = {}
     container, has_ema = None, False

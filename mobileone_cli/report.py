@@ -29,21 +29,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mobileone_cli.checkpoint import LoadedCheckpoint, load_checkpoint, recognise
 from mobileone_cli.errors import EXIT_OK, BadCheckpointError, UsageError
+from mobileone_cli.files import sha256_path
+from mobileone_cli.fold import fold_state
+from mobileone_cli.model import MobileOne, build_model
+from mobileone_cli.options import DEFAULT_REPORT_SIZE, ReportOptions
+from mobileone_cli.reader import RawCheckpoint
+from mobileone_cli.results import MAC_CONVENTION
+from mobileone_cli.variants import ArchitectureSpec
 
 if TYPE_CHECKING:
     import torch
 
-    from mobileone_cli.checkpoint import LoadedCheckpoint
-    from mobileone_cli.model import MobileOne
-    from mobileone_cli.variants import ArchitectureSpec
-
-MAC_CONVENTION = "multiply-accumulates of conv and linear layers (the paper's FLOPs)"
 RUNTIME_TORCH = "torch-eager"
 RUNTIME_ONNX = "onnxruntime"
-DEFAULT_SIZE = (224, 224)
-DEFAULT_RUNS = 20
-DEFAULT_WARMUP = 5
 MIN_SIDE = 32
 """The network downsamples by 32: a smaller side leaves stage 4 with no pixels."""
 INPUT_SEED = 0
@@ -60,6 +60,7 @@ class Complexity:
     """Multiply-accumulates of conv and linear layers: the paper's "FLOPs" column."""
 
     def to_dict(self) -> dict[str, int]:
+        """The JSON shape of this result, as `--json` prints it."""
         return {"params": self.params, "macs": self.macs}
 
 
@@ -73,6 +74,7 @@ class StageComplexity:
     output_shape: tuple[int, ...]
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
         return {"name": self.name, "params": self.params, "macs": self.macs,
                 "output_shape": list(self.output_shape)}
 
@@ -95,6 +97,7 @@ class Latency:
     """batch / median time."""
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
         return {
             "runtime": self.runtime,
             "model": self.model,
@@ -116,7 +119,7 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def measure_complexity(model: torch.nn.Module, *, size: tuple[int, int] = DEFAULT_SIZE
+def measure_complexity(model: torch.nn.Module, *, size: tuple[int, int] = DEFAULT_REPORT_SIZE
                        ) -> Complexity:
     """Parameters and MACs of `model` on one 3 x H x W image.
 
@@ -283,7 +286,8 @@ def onnx_runner(path: Path, *, batch: int, size: tuple[int, int], threads: int
     model_input = session.get_inputs()[0]
     wanted = (batch, 3, *size)
     fixed = [dim if isinstance(dim, int) else None for dim in model_input.shape]
-    if len(fixed) != 4 or any(dim is not None and dim != want for dim, want in zip(fixed, wanted)):
+    if len(fixed) != 4 or any(dim is not None and dim != want
+                              for dim, want in zip(fixed, wanted, strict=True)):
         shape = " x ".join(str(dim) if dim is not None else "?" for dim in fixed)
         raise UsageError(
             f"{path} takes input {shape}; batch {batch} at {size[0]} x {size[1]} does not fit",
@@ -314,21 +318,6 @@ def _fitting_options(fixed: list[int | None]) -> str:
 
 
 @dataclass(frozen=True)
-class ReportOptions:
-    sources: tuple[Path, ...]
-    """Train-time checkpoints, folded safetensors files, or .onnx exports."""
-    latency: bool = True
-    batch: int = 1
-    size: tuple[int, int] = DEFAULT_SIZE
-    """Input height and width, for MACs and latency."""
-    threads: int | None = None
-    """Intra-op threads for torch and onnxruntime; torch's current count when None."""
-    runs: int = DEFAULT_RUNS
-    warmup: int = DEFAULT_WARMUP
-    per_stage: bool = False
-
-
-@dataclass(frozen=True)
 class SourceReport:
     """One row of the report: one file, its models, their size, arithmetic and speed."""
 
@@ -355,6 +344,7 @@ class SourceReport:
         return medians["train"] / medians["fused"]
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
         stages = None
         if self.train_stages is not None or self.fused_stages is not None:
             stages = {
@@ -392,6 +382,7 @@ class Report:
 
     @property
     def exit_code(self) -> int:
+        """Always 0: a report measures, it does not judge."""
         return EXIT_OK
 
     @property
@@ -400,6 +391,7 @@ class Report:
         return self.load_average is not None and self.load_average > self.cpus
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
         return {
             "mac_convention": MAC_CONVENTION,
             "batch": self.batch,
@@ -454,7 +446,8 @@ def _check_options(options: ReportOptions) -> None:
         raise UsageError(f"input size {options.size[0]} x {options.size[1]} is too small",
                          hint=f"MobileOne downsamples by 32; pass --size of {MIN_SIDE} or more")
     for name, value, least in (("batch", options.batch, 1), ("runs", options.runs, 1),
-                               ("warmup", options.warmup, 0), ("threads", 1 if options.threads is None else options.threads, 1)):
+                               ("warmup", options.warmup, 0),
+                               ("threads", 1 if options.threads is None else options.threads, 1)):
         if value < least:
             raise UsageError(f"{name} must be at least {least}, got {value}",
                              hint=f"pass --{name} {least} or more")
@@ -463,8 +456,6 @@ def _check_options(options: ReportOptions) -> None:
 def _report_source(path: Path, options: ReportOptions, *, threads: int) -> SourceReport:
     if path.suffix.lower() == ONNX_SUFFIX:
         return _report_onnx(path, options, threads=threads)
-    from mobileone_cli.checkpoint import load_checkpoint
-
     return _report_checkpoint(load_checkpoint(path), options, threads=threads)
 
 
@@ -474,9 +465,6 @@ def _report_checkpoint(loaded: LoadedCheckpoint, options: ReportOptions, *, thre
     train_spec = None if spec.is_folded else spec
     latency: list[Latency] = []
     if options.latency:
-        from mobileone_cli.fold import fold_state
-        from mobileone_cli.model import build_model
-
         if train_spec is not None:
             train_model = build_model(spec, loaded.state)
             latency.append(_time_torch(train_model, "train", options, threads=threads))
@@ -513,8 +501,6 @@ def _report_onnx(path: Path, options: ReportOptions, *, threads: int) -> SourceR
     latency: list[Latency] = []
     if options.latency:
         if loaded is not None:
-            from mobileone_cli.model import build_model
-
             fused_model = build_model(loaded.spec, loaded.state)
             latency.append(_time_torch(fused_model, "fused", options, threads=threads))
             del fused_model
@@ -537,22 +523,20 @@ def _report_onnx(path: Path, options: ReportOptions, *, threads: int) -> SourceR
     )
 
 
-def _shapes_only(spec: ArchitectureSpec) -> MobileOne:
+def shapes_only(spec: ArchitectureSpec) -> MobileOne:
     """A weightless (meta-device) model: counting needs shapes, not arithmetic or memory."""
     import torch
-
-    from mobileone_cli.model import MobileOne
 
     with torch.device("meta"):
         return MobileOne(spec).eval()
 
 
 def _complexity(spec: ArchitectureSpec, options: ReportOptions) -> Complexity:
-    return measure_complexity(_shapes_only(spec), size=options.size)
+    return measure_complexity(shapes_only(spec), size=options.size)
 
 
 def _stages(spec: ArchitectureSpec, options: ReportOptions) -> tuple[StageComplexity, ...] | None:
-    return per_stage(_shapes_only(spec), size=options.size) if options.per_stage else None
+    return per_stage(shapes_only(spec), size=options.size) if options.per_stage else None
 
 
 def _read_onnx(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -578,10 +562,7 @@ def _read_onnx(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _map_back(path: Path, initializers: dict[str, torch.Tensor]) -> LoadedCheckpoint | None:
-    from mobileone_cli.checkpoint import recognise
-    from mobileone_cli.reader import RawCheckpoint, sha256_file
-
-    raw = RawCheckpoint(path=path, sha256=sha256_file(path), file_format="onnx",
+    raw = RawCheckpoint(path=path, sha256=sha256_path(path), file_format="onnx",
                         state=initializers, container_key=None, stripped_prefixes=(),
                         skipped_extras=(), metadata={}, has_ema=False)
     try:

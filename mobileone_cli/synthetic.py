@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mobileone_cli.layouts import convert_key
+from mobileone_cli.model import MobileOne
 from mobileone_cli.variants import VARIANTS, ArchitectureSpec, build_spec
 
 if TYPE_CHECKING:
@@ -31,8 +32,6 @@ def make_train_state(spec: ArchitectureSpec, *, seed: int = 0) -> dict[str, torc
     """A canonical train-time state dict for `spec`, deterministic for a given seed."""
     import torch
     from torch import nn
-
-    from mobileone_cli.model import MobileOne
 
     generator = torch.Generator().manual_seed(seed)
     model = MobileOne(spec)

@@ -130,7 +130,8 @@ def build_spec(
     stages = []
     channels = stem_width
     for width, multiplier, block_count, se_count in zip(
-        BASE_STAGE_WIDTHS, config.width_multipliers, BLOCKS_PER_STAGE, config.se_blocks
+        BASE_STAGE_WIDTHS, config.width_multipliers, BLOCKS_PER_STAGE, config.se_blocks,
+        strict=True,
     ):
         out_channels = int(width * multiplier)
         blocks: list[BlockSpec] = []

@@ -13,7 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `fixtures` and `tests.faults` import from the checkout
 
-from fixtures.generate import canonical_state, state_in_layout
+from fixtures.generate import canonical_state, state_in_layout  # noqa: E402
 
 REFERENCE = Path(os.environ.get("MOBILEONE_REFERENCE", ROOT.parent / "shared" / "reference"))
 

@@ -9,8 +9,9 @@ import pytest
 from safetensors import safe_open
 
 from fixtures.generate import manifest
-from mobileone_cli.api import FoldOptions, fold_checkpoint
+from mobileone_cli import api
 from mobileone_cli.layouts import LAYOUTS
+from mobileone_cli.options import FoldOptions
 from mobileone_cli.variants import VARIANTS
 
 
@@ -27,9 +28,10 @@ def test_variant_in_layout_folds_to_the_peers_fused_model(
 
     output = tmp_path / "folded.safetensors"
     # Size does not matter for equivalence; 64 px keeps fifteen S0-S4 folds fast.
-    result = fold_checkpoint(FoldOptions(checkpoint=checkpoint, output=output, input_size=64))
+    result = api.fold(FoldOptions(checkpoint=checkpoint, output=output, input_size=64))
     assert (result.summary.layout, result.summary.variant) == (layout, variant)
-    assert result.verification.passed, result.verification
+    assert result.fold_verification.passed, result.fold_verification
+    assert result.written
     with safe_open(str(output), framework="pt") as handle:
         written = {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
     assert written == manifest(layout, variant, "fused")

@@ -95,7 +95,7 @@ def test_look_alikes_are_refused_by_name(tmp_path: Path, name: str) -> None:
 
 def test_an_unrelated_model_is_not_a_mobileone(tmp_path: Path) -> None:
     path = _save(tmp_path / "r.pth", {"conv1.weight": torch.zeros(8, 3, 7, 7), "fc.bias": torch.zeros(2)})
-    with pytest.raises(BadCheckpointError, match="not a MobileOne checkpoint.*'conv1.weight'"):
+    with pytest.raises(BadCheckpointError, match=r"not a MobileOne checkpoint.*'conv1.weight'"):
         load_checkpoint(path)
 
 
@@ -201,7 +201,7 @@ def test_problems_found_by_the_property_are_one_line_refusals(tmp_path: Path, na
 def test_a_block_index_with_a_leading_zero_cannot_shadow_the_real_block(tmp_path: Path) -> None:
     state = dict(canonical_state("s0"))
     state["stage1.00.rbr_conv.0.bn.weight"] = torch.ones(48)  # parses as block 0 too
-    with pytest.raises(BadCheckpointError, match="'stage1.0.rbr_conv.0.bn.weight' and "
+    with pytest.raises(BadCheckpointError, match=r"'stage1.0.rbr_conv.0.bn.weight' and "
                                                  "'stage1.00.rbr_conv.0.bn.weight' name the same"):
         load_checkpoint(_save(tmp_path / "twice.pth", state))
 

@@ -46,7 +46,7 @@ def test_documented_manifest_keys_are_the_written_ones(s0_checkpoint: Path,
     section = re.search(r"^### manifest\.json\n(.*?)(?=^##)", readme, re.DOTALL | re.MULTILINE)
     assert section, "README has no '### manifest.json' section"
     first_cells = re.findall(r"^\| (`.*?) \|", section.group(1), re.MULTILINE)
-    documented = {key for cell in first_cells for key in re.findall(r"`([a-z0-9_.]+)`", cell)}
+    documented = {key for cell in first_cells for key in re.findall(r"`([a-z0-9_.-]+)`", cell)}
     result = subprocess.run([sys.executable, "-m", "mobileone_cli", "export", str(s0_checkpoint),
                              "--to", "all", "-o", "dist", "--input-size", "64"],
                             cwd=tmp_path, capture_output=True, text=True)

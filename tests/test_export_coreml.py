@@ -30,37 +30,27 @@ import torch
 from fixtures.generate import canonical_state, spec_of
 from mobileone_cli import __version__
 from mobileone_cli.errors import OutputError, UsageError
+from mobileone_cli.export import coreml
 from mobileone_cli.export import onnx as onnx_export
+from mobileone_cli.export.backend import WriteContext
 from mobileone_cli.export.coreml import (
-    FP16_FLOOR_FACTOR,
-    FP16_MIN_RTOL,
-    FP16_TOLERANCE_RULE,
     STEM_WEIGHT,
-    CoreMLOptions,
-    Fp16Tolerance,
     PackageDescription,
-    candidate,
     describe,
-    export,
     fold_std_into_stem,
-    fp16_tolerance,
     op_counts,
-    softmax_reference,
 )
+from mobileone_cli.export.pipeline import prove_artifact
 from mobileone_cli.fold import fold_state
 from mobileone_cli.mil import run_program, summarize_program
 from mobileone_cli.model import MobileOne, build_model
+from mobileone_cli.options import CoreMLOptions, Gates, OnnxOptions
+from mobileone_cli.proof.compare import DEFAULT_RTOL, compare
+from mobileone_cli.proof.compare import torch_runner as torch_candidate
+from mobileone_cli.proof.inputs import IMAGENET_MEAN, IMAGENET_STD, default_inputs
+from mobileone_cli.proof.reference import ReferenceRun, run_reference
+from mobileone_cli.results import PrecisionCost, Verification
 from mobileone_cli.variants import VARIANTS, ArchitectureSpec, BlockSpec
-from mobileone_cli.verify import (
-    DEFAULT_RTOL,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ReferenceRun,
-    compare,
-    default_inputs,
-    run_reference,
-    torch_candidate,
-)
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_SIZE = 96
@@ -99,6 +89,30 @@ def load_spec(path: Path) -> Any:
         return ct.utils.load_spec(str(path))
 
 
+def export(model: torch.nn.Module, path: Path, *, metadata: dict[str, str],
+           options: CoreMLOptions, size: int, labels: tuple[str, ...] | None = None,
+           output_name: str = "logits") -> None:
+    """The backend's `write`, as the pipeline calls it."""
+    coreml.write(model, path, context=WriteContext(
+        input_size=size, output_name=output_name, metadata=metadata, mean=MEAN, std=STD,
+        labels=labels, options=options))
+
+
+def candidate(path: Path) -> Any:
+    """The package in the evaluator, computing as the device does."""
+    return coreml.open(path).run
+
+
+UNGATED = Gates(min_cosine=-1, min_agreement=0)
+
+
+def prove(exported: Exported, path: Path | None = None,
+          gates: Gates = UNGATED) -> tuple[Verification, PrecisionCost | None]:
+    """The pipeline's conversion proof (and cost) of a package against `exported`'s reference."""
+    return prove_artifact(coreml.open(path or exported.path), exported.reference,
+                          model=exported.model, rtol=None, gates=gates)
+
+
 def _metadata(variant: str, size: int) -> dict[str, str]:
     """What the caller writes, deliberately not in key order."""
     return {
@@ -117,19 +131,20 @@ class Exported:
     model: MobileOne
     path: Path
     options: CoreMLOptions
+    size: int
     reference: ReferenceRun
     """The square batch only: the package's input size is fixed."""
 
 
-def _export_variant(folder: Path, variant: str, options: CoreMLOptions) -> Exported:
+def _export_variant(folder: Path, variant: str, options: CoreMLOptions,
+                    size: int = 224) -> Exported:
     spec = spec_of(variant)
     state = canonical_state(variant)
     model = build_model(spec.folded(), fold_state(spec, state))
     path = folder / f"{variant}-{options.precision}.mlpackage"
-    export(model, path, metadata=_metadata(variant, options.input_size), options=options,
-           mean=MEAN, std=STD)
-    square, _non_square = default_inputs(options.input_size)
-    return Exported(spec, state, model, path, options, run_reference(spec, state, [square]))
+    export(model, path, metadata=_metadata(variant, size), options=options, size=size)
+    square, _non_square = default_inputs(size)
+    return Exported(spec, state, model, path, options, size, run_reference(spec, state, [square]))
 
 
 S0_OPTIONS = CoreMLOptions(version="1.2", author="Test Author", license="MIT")
@@ -142,27 +157,21 @@ def s0(tmp_path_factory: pytest.TempPathFactory) -> Exported:
 
 
 @pytest.fixture(scope="module")
-def s0_tolerance(s0: Exported) -> Fp16Tolerance:
-    return fp16_tolerance(s0.model, s0.reference)
-
-
-@pytest.fixture(scope="module")
 def s0_fp32(tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    options = CoreMLOptions(precision="fp32", input_size=SMALL_SIZE)
-    return _export_variant(tmp_path_factory.mktemp("s0-fp32"), "s0", options)
+    options = CoreMLOptions(precision="fp32")
+    return _export_variant(tmp_path_factory.mktemp("s0-fp32"), "s0", options, SMALL_SIZE)
 
 
 @pytest.fixture(scope="module")
 def s4(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     """S4: squeeze-excite in the last 5 block pairs of stage 3 and the one of stage 4."""
-    options = CoreMLOptions(input_size=SMALL_SIZE)
-    return _export_variant(tmp_path_factory.mktemp("s4"), "s4", options)
+    return _export_variant(tmp_path_factory.mktemp("s4"), "s4", CoreMLOptions(), SMALL_SIZE)
 
 
 @pytest.fixture(scope="module")
 def s4_fp32(tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    options = CoreMLOptions(precision="fp32", input_size=SMALL_SIZE)
-    return _export_variant(tmp_path_factory.mktemp("s4-fp32"), "s4", options)
+    options = CoreMLOptions(precision="fp32")
+    return _export_variant(tmp_path_factory.mktemp("s4-fp32"), "s4", options, SMALL_SIZE)
 
 
 def expected_op_counts(spec: ArchitectureSpec, *, precision: str) -> dict[str, int]:
@@ -215,41 +224,38 @@ def test_expected_counts_cover_both_kinds_of_block() -> None:
 @pytest.mark.parametrize("name", ["s0_fp32", "s4_fp32"])
 def test_fp32_package_passes_the_fp32_tolerance(name: str, request: pytest.FixtureRequest) -> None:
     exported: Exported = request.getfixturevalue(name)
-    verification = compare(exported.reference, candidate(exported.path, mean=MEAN, std=STD),
-                           rtol=None)
+    verification, cost = prove(exported)
     assert verification.passed, verification
-    assert verification.top1_agreement == 1.0
+    assert verification.top1_agreement == 1.0 and cost is None
+    assert verification.reference == "train-time fp32"
 
 
 @pytest.mark.parametrize("name", ["s0", "s4"])
-def test_fp16_package_passes_the_derived_tolerance(name: str, request: pytest.FixtureRequest) -> None:
-    exported: Exported = request.getfixturevalue(name)
-    run = candidate(exported.path, mean=MEAN, std=STD)
-    tolerance = fp16_tolerance(exported.model, exported.reference)
-    verification = tolerance.apply(compare(exported.reference, run, rtol=tolerance.rtol))
-    assert verification.passed, verification
-    assert verification.top1_agreement == 1.0
-    # The program's error is another draw of the floor's fp16 rounding noise (measured
-    # 0.6-1.4x), so it passes with margin, not by a hair.
-    assert verification.floor_ratio is not None and verification.floor_ratio < 1.5
-    # fp16 arithmetic really happened (a silent fp32 program would sit at the fp32 floor),
-    # which is why the fp32 tolerance cannot be applied to an fp16 package.
-    assert verification.max_rel_diff > 100 * exported.reference.noise_floor
-    assert not compare(exported.reference, run, rtol=None).passed
-
-
-def test_fp16_tolerance_is_the_larger_of_the_minimum_and_the_scaled_floor(
-    s0: Exported, s0_tolerance: Fp16Tolerance
+def test_fp16_package_is_proven_tightly_and_its_cost_measured(
+    name: str, request: pytest.FixtureRequest
 ) -> None:
-    tolerance = s0_tolerance
-    assert tolerance.rtol == max(FP16_MIN_RTOL, FP16_FLOOR_FACTOR * tolerance.noise_floor)
-    assert tolerance.rule == FP16_TOLERANCE_RULE == "max(0.001, 2 x fp16 noise floor)"
-    # fp16 rounding of weights and activations costs far more than fp32's.
-    assert tolerance.noise_floor > 100 * s0.reference.noise_floor
-    verification = tolerance.apply(compare(s0.reference, candidate(s0.path, mean=MEAN, std=STD),
-                                           rtol=tolerance.rtol))
-    assert (verification.noise_floor, verification.rtol, verification.tolerance_rule) == (
-        tolerance.noise_floor, tolerance.rtol, FP16_TOLERANCE_RULE)
+    exported: Exported = request.getfixturevalue(name)
+    verification, cost = prove(exported)
+    # The conversion proof: the package's own ops and fp16 weights with float32 arithmetic
+    # against the folded model with its weights rounded alike, under the fp32 rule.
+    assert verification.passed, verification
+    assert verification.reference == "folded model with float16 weights"
+    assert verification.rtol <= 1e-3 and verification.tolerance_rule.startswith("max(0.0001")
+    # fp16 arithmetic really happened (a silent fp32 program would sit at the fp32 floor):
+    # the cost, measured in the package's own arithmetic against the fp32 model, is far larger.
+    assert cost is not None and cost.precision == "fp16"
+    assert cost.max_rel_diff > 100 * exported.reference.noise_floor
+    assert -1 <= cost.worst_cosine <= cost.mean_cosine <= 1
+    assert cost.top1_agreement is not None and cost.top5_agreement is not None
+    assert cost.top5_agreement >= cost.top1_agreement
+    assert not compare(exported.reference, candidate(exported.path), rtol=None).passed
+
+
+def test_the_cost_gates_fail_a_costly_precision(s4: Exported) -> None:
+    _, cost = prove(s4, gates=Gates(min_cosine=1.0, min_agreement=0))
+    assert cost is not None and not cost.passed  # no fp16 package reaches cosine 1 exactly
+    _, lenient = prove(s4, gates=Gates(min_cosine=-1, min_agreement=0))
+    assert lenient is not None and lenient.passed
 
 
 def test_fp16_package_keeps_fp32_inputs_and_outputs(s0: Exported) -> None:
@@ -283,18 +289,18 @@ def test_describe_reads_what_the_package_is(
     name: str, precision: str, request: pytest.FixtureRequest
 ) -> None:
     exported: Exported = request.getfixturevalue(name)
-    size = exported.options.input_size
+    size = exported.size
     assert describe(exported.path) == PackageDescription(
         input_shape=(1, 3, size, size), image_input=False, precision=precision,
-        is_classifier=False, output="logits",
+        is_classifier=False, output="logits", outputs=("logits",), deployment_target="CoreML6",
     )
 
 
 def test_candidate_refuses_another_size_by_name(s0: Exported) -> None:
     _square, non_square = default_inputs(224)
     with pytest.raises(ValueError, match=r"takes input of shape 1 x 3 x 224 x 224; "
-                                         r"got float32 1 x 3 x 192 x 256"):
-        candidate(s0.path, mean=MEAN, std=STD)(non_square.array)
+                                         r"got 1 x 3 x 192 x 256"):
+        candidate(s0.path)(non_square.array)
 
 
 # --- Tampering -----------------------------------------------------------------------------
@@ -328,25 +334,43 @@ def _conv_weight_regions(package: Path) -> list[tuple[str, int, int]]:
     return regions
 
 
-def test_flipped_conv_weight_bytes_fail_verification(
-    s0: Exported, s0_tolerance: Fp16Tolerance, tmp_path: Path
-) -> None:
-    tampered = tmp_path / "tampered.mlpackage"
-    shutil.copytree(s0.path, tampered)
-    name, offset, size = _conv_weight_regions(tampered)[0]
+def _tamper(package: Path, folder: Path, region: int, flip: Any) -> Path:
+    tampered = folder / f"tampered-{region}.mlpackage"
+    shutil.copytree(package, tampered)
     data = bytearray((tampered / WEIGHTS).read_bytes())
+    flip(data, *_conv_weight_regions(tampered)[region][1:])
+    (tampered / WEIGHTS).write_bytes(bytes(data))
+    return tampered
+
+
+def test_flipped_conv_weight_bytes_fail_verification(s0: Exported, tmp_path: Path) -> None:
+    name, offset, size = _conv_weight_regions(s0.path)[0]
+    data = (s0.path / WEIGHTS).read_bytes()
     # The region really is the stem's kernel (std is not folded in: a tensor-input package).
     stem = s0.model.state_dict()[STEM_WEIGHT].half().numpy()
     assert (name, size) == ("stage0_reparam_conv_weight_to_fp16", stem.nbytes)
-    assert bytes(data[offset : offset + size]) == stem.tobytes()
-    for index in range(3):  # the sign bit (high byte, little endian) of the first three weights
-        data[offset + 2 * index + 1] ^= 0x80
-    (tampered / WEIGHTS).write_bytes(bytes(data))
+    assert data[offset : offset + size] == stem.tobytes()
 
-    verification = compare(s0.reference, candidate(tampered, mean=MEAN, std=STD),
-                           rtol=s0_tolerance.rtol)
+    def flip_signs(data: bytearray, offset: int, size: int) -> None:
+        for index in range(3):  # the sign bit (high byte, little endian) of three weights
+            data[offset + 2 * index + 1] ^= 0x80
+
+    verification, _ = prove(s0, _tamper(s0.path, tmp_path, 0, flip_signs))
     assert not verification.passed
-    assert verification.max_rel_diff > 3 * s0_tolerance.rtol
+    assert verification.max_rel_diff > 10 * verification.rtol
+
+
+def test_reversed_rows_of_the_last_conv_fail_an_fp16_s4(s4: Exported, tmp_path: Path) -> None:
+    """fp16 S4 has the largest cost of precision; a tamper still fails its conversion proof."""
+    def reverse_output_channels(data: bytearray, offset: int, size: int) -> None:
+        kernel = np.frombuffer(bytes(data[offset : offset + size]), dtype=np.float16)
+        rows = kernel.reshape(s4.spec.folded().stages[-1][-1].out_channels, -1)
+        data[offset : offset + size] = rows[::-1].tobytes()
+
+    verification, cost = prove(s4, _tamper(s4.path, tmp_path, -1, reverse_output_channels))
+    assert not verification.passed
+    assert verification.max_rel_diff > 10 * verification.rtol
+    assert cost is not None
 
 
 # --- Cross-check of the evaluator ----------------------------------------------------------
@@ -362,11 +386,11 @@ def test_evaluator_agrees_with_onnxruntime(s0_fp32: Exported, tmp_path: Path) ->
     close to the exact result as onnxruntime is, and both agree within 1e-4.
     """
     onnx_path = tmp_path / "s0.onnx"
-    onnx_export.export(s0_fp32.model, onnx_path, metadata={},
-                       options=onnx_export.OnnxOptions(input_size=SMALL_SIZE))
+    onnx_export.export(s0_fp32.model, onnx_path, metadata={}, options=OnnxOptions(),
+                       input_size=SMALL_SIZE)
     (square,) = s0_fp32.reference.batches
-    from_coreml = candidate(s0_fp32.path, mean=MEAN, std=STD)(square.array)
-    from_onnxruntime = onnx_export.candidate(onnx_path)(square.array)
+    from_coreml = candidate(s0_fp32.path)(square.array)
+    from_onnxruntime = onnx_export.open(onnx_path).run(square.array)
     exact_model = build_model(s0_fp32.spec.folded(),
                               fold_state(s0_fp32.spec, s0_fp32.state, dtype=torch.float64),
                               dtype=torch.float64)
@@ -402,7 +426,7 @@ def _convert_with_averaged_std(model: MobileOne, path: Path, size: int) -> Path:
             torch.jit.trace(model, torch.zeros(1, 3, size, size)),
             inputs=[ct.ImageType(name="image", shape=(1, 3, size, size),
                                  scale=1 / (255 * float(np.mean(STD))),
-                                 bias=[-m / s for m, s in zip(MEAN, STD)],
+                                 bias=[-m / s for m, s in zip(MEAN, STD, strict=True)],
                                  color_layout=ct.colorlayout.RGB)],
             outputs=[ct.TensorType(name="logits", dtype=np.float32)],
             convert_to="mlprogram",
@@ -416,21 +440,21 @@ def _convert_with_averaged_std(model: MobileOne, path: Path, size: int) -> Path:
 def test_image_input_is_exact_where_the_averaged_std_recipe_is_not(
     s0_fp32: Exported, tmp_path: Path
 ) -> None:
-    options = CoreMLOptions(precision="fp32", image_input=True, input_size=SMALL_SIZE)
+    options = CoreMLOptions(precision="fp32", image_input=True)
     ours = tmp_path / "image.mlpackage"
-    export(s0_fp32.model, ours, metadata={}, options=options, mean=MEAN, std=STD)
+    export(s0_fp32.model, ours, metadata={}, options=options, size=SMALL_SIZE)
     (image,) = load_spec(ours).description.input
     assert image.type.WhichOneof("Type") == "imageType"
     assert image.type.imageType.colorSpace == image.type.imageType.RGB
     assert summarize_program(ours).op_counts == {
         **expected_op_counts(s0_fp32.spec, precision="fp32"), "add": 1, "mul": 1,  # 1/255, -mean
     }
-    verification = compare(s0_fp32.reference, candidate(ours, mean=MEAN, std=STD), rtol=None)
+    verification = compare(s0_fp32.reference, candidate(ours), rtol=None)
     assert verification.passed, verification
 
     averaged = _convert_with_averaged_std(s0_fp32.model, tmp_path / "averaged.mlpackage",
                                           SMALL_SIZE)
-    wrong = compare(s0_fp32.reference, candidate(averaged, mean=MEAN, std=STD), rtol=None)
+    wrong = compare(s0_fp32.reference, candidate(averaged), rtol=None)
     # Measured: 0.28 of the logit scale at 96 and at 224 px (ours: 4.4e-5 and 1.9e-5, the
     # fp32 floor); at 224 px neither noise image keeps its top-1 class.
     assert wrong.max_rel_diff > 1e-2 > 100 * verification.max_rel_diff
@@ -454,11 +478,12 @@ def _class_labels(spec: Any) -> list[str]:
 def test_image_classifier_outputs_probabilities(s0_fp32: Exported, tmp_path: Path) -> None:
     """What an app ships: camera pixels in, label and probabilities out, fp16."""
     path = tmp_path / "classifier.mlpackage"
-    export(s0_fp32.model, path, metadata={}, mean=MEAN, std=STD,
-           options=CoreMLOptions(labels=LABELS, image_input=True, input_size=SMALL_SIZE))
+    export(s0_fp32.model, path, metadata={}, labels=LABELS, size=SMALL_SIZE,
+           options=CoreMLOptions(image_input=True))
     assert describe(path) == PackageDescription(
         input_shape=(1, 3, SMALL_SIZE, SMALL_SIZE), image_input=True, precision="fp16",
         is_classifier=True, output="classLabel_probs",
+        outputs=("classLabel", "classLabel_probs"), deployment_target="CoreML6",
     )
     spec = load_spec(path)
     assert _class_labels(spec) == list(LABELS)
@@ -469,23 +494,21 @@ def test_image_classifier_outputs_probabilities(s0_fp32: Exported, tmp_path: Pat
     assert summary.op_counts["softmax"] == summary.op_counts["classify"] == 1
 
     (square,) = s0_fp32.reference.batches
-    probabilities = candidate(path, mean=MEAN, std=STD)(square.array)
+    probabilities = candidate(path)(square.array)
     assert probabilities.shape == (2, 1000)
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)  # probabilities, not logits
     pixels = (square.array[:1] * np.reshape(STD, (1, 3, 1, 1)) + np.reshape(MEAN, (1, 3, 1, 1)))
     top = run_program(path, {"image": (pixels * 255).astype(np.float32)})["classLabel"]
     assert int(top) == int(probabilities[0].argmax())
 
-    reference = softmax_reference(s0_fp32.reference)
-    tolerance = fp16_tolerance(s0_fp32.model, reference, probabilities=True)
-    verification = tolerance.apply(
-        compare(reference, candidate(path, mean=MEAN, std=STD), rtol=tolerance.rtol))
+    # Image input, softmax and fp16 together, still proven at the fp32 rule.
+    verification, cost = prove(s0_fp32, path)
     assert verification.passed, verification
-    assert verification.top1_agreement == 1.0
+    assert verification.top1_agreement == 1.0 and cost is not None
 
 
 def test_softmax_reference_keeps_each_precision(s0_fp32: Exported) -> None:
-    reference = softmax_reference(s0_fp32.reference)
+    reference = s0_fp32.reference.softmaxed()
     (fp32,), (fp64,) = reference.outputs_fp32, reference.outputs_fp64
     assert (fp32.dtype, fp64.dtype) == (np.float32, np.float64)
     assert np.abs(fp64.sum(axis=1) - 1).max() < 1e-12
@@ -493,10 +516,9 @@ def test_softmax_reference_keeps_each_precision(s0_fp32: Exported) -> None:
 
 
 def test_label_count_must_match_the_classes(s0_fp32: Exported, tmp_path: Path) -> None:
-    options = CoreMLOptions(labels=("cat", "dog", "fox"), input_size=32)
     with pytest.raises(UsageError) as raised:
-        export(s0_fp32.model, tmp_path / "x.mlpackage", metadata={}, options=options,
-               mean=MEAN, std=STD)
+        export(s0_fp32.model, tmp_path / "x.mlpackage", metadata={}, options=CoreMLOptions(),
+               labels=("cat", "dog", "fox"), size=32)
     assert raised.value.message == "labels file has 3 labels, the model has 1000 classes"
     assert not (tmp_path / "x.mlpackage").exists()
 
@@ -516,8 +538,7 @@ def test_bad_options_are_usage_errors(
     s0_fp32: Exported, tmp_path: Path, options: CoreMLOptions, message: str
 ) -> None:
     with pytest.raises(UsageError) as raised:
-        export(s0_fp32.model, tmp_path / "x.mlpackage", metadata={}, options=options,
-               mean=MEAN, std=STD)
+        export(s0_fp32.model, tmp_path / "x.mlpackage", metadata={}, options=options, size=32)
     assert raised.value.message == message
     assert raised.value.hint
 
@@ -525,7 +546,7 @@ def test_bad_options_are_usage_errors(
 def test_package_path_must_end_in_mlpackage(s0_fp32: Exported, tmp_path: Path) -> None:
     with pytest.raises(OutputError, match=r"a Core ML package is a folder ending in \.mlpackage"):
         export(s0_fp32.model, tmp_path / "model.mlmodel", metadata={}, options=CoreMLOptions(),
-               mean=MEAN, std=STD)
+               size=32)
 
 
 def _folded_block(in_channels: int, out_channels: int, *, kernel_size: int, stride: int,
@@ -542,12 +563,11 @@ def test_headless_model_exports_its_feature_map(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model(spec)
     with pytest.raises(UsageError, match="labels need a classifier"):
-        export(model, tmp_path / "x.mlpackage", metadata={}, mean=MEAN, std=STD,
-               options=CoreMLOptions(labels=("a",), input_size=32))
+        export(model, tmp_path / "x.mlpackage", metadata={}, labels=("a",), size=32,
+               options=CoreMLOptions())
     path = tmp_path / "features.mlpackage"
-    options = CoreMLOptions(precision="fp32", target="macOS13", input_size=32,
-                            description="A tiny backbone")
-    export(model, path, metadata={}, output_name="features", mean=MEAN, std=STD, options=options)
+    options = CoreMLOptions(precision="fp32", target="macOS13", description="A tiny backbone")
+    export(model, path, metadata={}, output_name="features", options=options, size=32)
     assert op_counts(path) == expected_op_counts(spec, precision="fp32")
     package = load_spec(path)
     assert package.specificationVersion == 7  # macOS 13 = iOS 16
@@ -555,7 +575,7 @@ def test_headless_model_exports_its_feature_map(tmp_path: Path) -> None:
     (output,) = package.description.output
     assert output.name == "features" and output.shortDescription.startswith("Feature map")
     image = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    actual = candidate(path, mean=MEAN, std=STD)(image)
+    actual = candidate(path)(image)
     assert actual.shape == (2, 16, 8, 8)
     assert _relative_error(actual, torch_candidate(model)(image)) < 1e-5
 
@@ -574,8 +594,7 @@ def test_export_is_silent_and_byte_identical_in_process(
     again = tmp_path / "again.mlpackage"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        export(s0.model, again, metadata=_metadata("s0", 224), options=S0_OPTIONS,
-               mean=MEAN, std=STD)
+        export(s0.model, again, metadata=_metadata("s0", 224), options=S0_OPTIONS, size=224)
     assert [str(warning.message) for warning in caught] == []
     assert capfd.readouterr() == ("", "")
     files = _package_files(again)
@@ -588,18 +607,15 @@ SUBPROCESS_EXPORT = """
 import sys
 from pathlib import Path
 from fixtures.generate import canonical_state, spec_of
-from mobileone_cli.export.coreml import export
 from mobileone_cli.fold import fold_state
 from mobileone_cli.model import build_model
-from mobileone_cli.verify import IMAGENET_MEAN, IMAGENET_STD
-from tests.test_export_coreml import S0_OPTIONS, _metadata
+from tests.test_export_coreml import S0_OPTIONS, _metadata, export
 
 spec = spec_of("s0")
 model = build_model(spec.folded(), fold_state(spec, canonical_state("s0")))
 print("EXPORT", flush=True)
 print("EXPORT", file=sys.stderr, flush=True)
-export(model, Path(sys.argv[1]), metadata=_metadata("s0", 224), options=S0_OPTIONS,
-       mean=IMAGENET_MEAN, std=IMAGENET_STD)
+export(model, Path(sys.argv[1]), metadata=_metadata("s0", 224), options=S0_OPTIONS, size=224)
 """
 
 

@@ -24,20 +24,16 @@ import torch
 from fixtures.generate import canonical_state, spec_of
 from mobileone_cli import __version__
 from mobileone_cli.errors import EXIT_EXPORT_FAILED, ExportFailedError
-from mobileone_cli.export.onnx import OnnxOptions, candidate, export, op_counts
+from mobileone_cli.export import onnx as onnx_backend
+from mobileone_cli.export.onnx import op_counts
 from mobileone_cli.fold import fold_state
 from mobileone_cli.model import MobileOne, build_model
+from mobileone_cli.options import OnnxOptions
+from mobileone_cli.proof.compare import DEFAULT_RTOL, compare
+from mobileone_cli.proof.compare import torch_runner as torch_candidate
+from mobileone_cli.proof.inputs import IMAGENET_MEAN, IMAGENET_STD, default_inputs
+from mobileone_cli.proof.reference import ReferenceRun, run_reference
 from mobileone_cli.variants import VARIANTS, ArchitectureSpec, BlockSpec
-from mobileone_cli.verify import (
-    DEFAULT_RTOL,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ReferenceRun,
-    compare,
-    default_inputs,
-    run_reference,
-    torch_candidate,
-)
 
 ROOT = Path(__file__).resolve().parent.parent
 # S4's graph does not depend on the input size, but its fp32 noise floor does: at 64 px the
@@ -53,6 +49,17 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def export(model: torch.nn.Module, path: Path, *, metadata: dict[str, str], options: OnnxOptions,
+           size: int = 224, output_name: str = "logits") -> None:
+    onnx_backend.export(model, path, metadata=metadata, options=options, input_size=size,
+                        output_name=output_name)
+
+
+def candidate(path: Path) -> Any:
+    """The file in onnxruntime, as the pipeline opens it."""
+    return onnx_backend.open(path).run
 
 
 def _metadata(variant: str, size: int) -> dict[str, str]:
@@ -75,17 +82,18 @@ class Exported:
     model: MobileOne
     path: Path
     options: OnnxOptions
+    size: int
 
 
 def _export_variant(folder: Path, variant: str, options: OnnxOptions,
-                    num_classes: int | None = 1000) -> Exported:
+                    num_classes: int | None = 1000, size: int = 224) -> Exported:
     spec = spec_of(variant, num_classes=num_classes)
     state = canonical_state(variant, num_classes=num_classes)
     model = build_model(spec.folded(), fold_state(spec, state))
     path = folder / f"{variant}.onnx"
-    export(model, path, metadata=_metadata(variant, options.input_size), options=options,
+    export(model, path, metadata=_metadata(variant, size), options=options, size=size,
            output_name="logits" if num_classes else "features")
-    return Exported(spec, state, model, path, options)
+    return Exported(spec, state, model, path, options, size)
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +105,8 @@ def s0(tmp_path_factory: pytest.TempPathFactory) -> Exported:
 @pytest.fixture(scope="module")
 def s4(tmp_path_factory: pytest.TempPathFactory) -> Exported:
     """S4 (squeeze-excite in stages 3 and 4) with symbolic batch, height and width."""
-    options = OnnxOptions(dynamic_batch=True, dynamic_size=True, input_size=SMALL_SIZE)
-    return _export_variant(tmp_path_factory.mktemp("s4"), "s4", options)
+    options = OnnxOptions(dynamic_batch=True, dynamic_size=True)
+    return _export_variant(tmp_path_factory.mktemp("s4"), "s4", options, size=SMALL_SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +273,7 @@ def test_export_is_silent_and_byte_identical_in_process(
     again = tmp_path / "again.onnx"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        export(s0.model, again, metadata=_metadata("s0", 224), options=s0.options)
+        export(s0.model, again, metadata=_metadata("s0", 224), options=s0.options, size=s0.size)
     assert [str(w.message) for w in caught] == []
     assert capfd.readouterr() == ("", "")
     assert again.read_bytes() == s0.path.read_bytes()
@@ -275,10 +283,10 @@ SUBPROCESS_EXPORT = """
 import sys
 from pathlib import Path
 from fixtures.generate import canonical_state, spec_of
-from mobileone_cli.export.onnx import OnnxOptions, export
 from mobileone_cli.fold import fold_state
 from mobileone_cli.model import build_model
-from tests.test_export_onnx import _metadata
+from mobileone_cli.options import OnnxOptions
+from tests.test_export_onnx import _metadata, export
 
 spec = spec_of("s0")
 model = build_model(spec.folded(), fold_state(spec, canonical_state("s0")))
@@ -327,8 +335,8 @@ def tiny(request: pytest.FixtureRequest) -> MobileOne:
 
 def _export_tiny(model: MobileOne, path: Path, **options: Any) -> Path:
     output_name = "logits" if model.spec.num_classes else "features"
-    export(model, path, metadata={}, output_name=output_name,
-           options=OnnxOptions(input_size=TINY_SIZE, **options))
+    export(model, path, metadata={}, output_name=output_name, size=TINY_SIZE,
+           options=OnnxOptions(**options))
     return path
 
 

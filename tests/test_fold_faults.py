@@ -11,16 +11,11 @@ import torch
 from fixtures.generate import canonical_state, spec_of
 from mobileone_cli import fold
 from mobileone_cli.model import build_model
-from mobileone_cli.verify import (
-    AUTO_TOLERANCE,
-    DEFAULT_RTOL,
-    FLOOR_FACTOR,
-    Verification,
-    compare,
-    default_inputs,
-    run_reference,
-    torch_candidate,
-)
+from mobileone_cli.proof.compare import AUTO_TOLERANCE, DEFAULT_RTOL, FLOOR_FACTOR, compare
+from mobileone_cli.proof.compare import torch_runner as torch_candidate
+from mobileone_cli.proof.inputs import default_inputs
+from mobileone_cli.proof.reference import run_reference
+from mobileone_cli.results import Verification
 from tests.faults import FAULTS
 
 # S0 exercises multi-branch depthwise blocks, S1 the single-branch dense ones.

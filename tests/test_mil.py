@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from mobileone_cli.errors import ExportFailedError, UnsupportedOpError, UsageError
+from mobileone_cli.errors import BadArtifactError, UnsupportedOpError, UsageError
 from mobileone_cli.mil import ProgramSummary, run_program, summarize_program
 
 SHAPE = (1, 3, 32, 32)
@@ -322,7 +322,7 @@ def test_other_ops_match_torch(packages: Packages) -> None:
     x = sample_input(seed=1)
     expected = torch_outputs(build(OtherOps), x, dtype=torch.float64)
     actual = run_program(package, {"image": x})
-    for name, reference in zip(["output0", "output1"], expected):
+    for name, reference in zip(["output0", "output1"], expected, strict=True):
         assert actual[name].shape == reference.shape
         scale = float(np.abs(reference).max())
         assert max_difference(actual[name], reference) <= FP32_RTOL * scale
@@ -417,7 +417,7 @@ def test_wrong_input_shape_is_a_usage_error(packages: Packages) -> None:
 
 
 def test_folder_without_manifest_is_not_a_package(tmp_path: Path) -> None:
-    with pytest.raises(ExportFailedError, match="is not a readable .mlpackage"):
+    with pytest.raises(BadArtifactError, match=r"is not a readable \.mlpackage"):
         summarize_program(tmp_path)
 
 

@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import save_file
 
 from mobileone_cli.errors import BadCheckpointError, UsageError
-from mobileone_cli.reader import RawCheckpoint, _InertPlaceholder, read_checkpoint, sha256_file
+from mobileone_cli.files import sha256_path
+from mobileone_cli.reader import RawCheckpoint, _InertPlaceholder, read_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,11 +126,11 @@ def test_sha256_is_of_the_file_bytes(tmp_path: Path) -> None:
     assert read_checkpoint(path).sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_sha256_file_streams_across_chunks(tmp_path: Path) -> None:
+def test_sha256_path_streams_across_chunks(tmp_path: Path) -> None:
     data = np.random.default_rng(0).bytes(3 * (1 << 20) + 5)  # three chunks and a tail
     path = tmp_path / "blob"
     path.write_bytes(data)
-    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
+    assert sha256_path(path) == hashlib.sha256(data).hexdigest()
 
 
 def test_raw_checkpoint_is_frozen(tmp_path: Path) -> None:

@@ -185,11 +185,12 @@ def folded_s0_state() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def onnx_s0(folded_s0_state: dict[str, torch.Tensor],
             tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mobileone_cli.export.onnx import OnnxOptions, export
+    from mobileone_cli.export.onnx import export
+    from mobileone_cli.options import OnnxOptions
 
     path = tmp_path_factory.mktemp("onnx") / "s0.onnx"
     export(build_model(spec_of("s0").folded(), folded_s0_state), path,
-           metadata={"mobileone.variant": "s0"}, options=OnnxOptions(input_size=64))
+           metadata={"mobileone.variant": "s0"}, options=OnnxOptions(), input_size=64)
     return path
 
 

@@ -487,7 +487,7 @@ def check_outcome(code: int, stdout: str, stderr: str, left: list[str], verdict:
     assert "Traceback" not in stderr, stderr
     if code == 0:
         report = json.loads(stdout)
-        assert report["verification"]["passed"] is True
+        assert report["fold_verification"]["passed"] is True
         assert left == ["folded.safetensors"], left
     else:
         assert left == [], f"exit {code} left files behind: {left}"
@@ -497,7 +497,7 @@ def check_outcome(code: int, stdout: str, stderr: str, left: list[str], verdict:
         assert lines and lines[0].startswith("error: "), stderr
         assert all(line.startswith(("error: ", "hint: ")) for line in lines), stderr
     if code == 3:
-        assert json.loads(stdout)["verification"]["passed"] is False
+        assert json.loads(stdout)["fold_verification"]["passed"] is False
     if verdict == FOLD:
         assert code == 0, f"a valid checkpoint was not folded (exit {code}): {stderr}"
     if verdict == REFUSE:

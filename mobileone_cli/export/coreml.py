@@ -36,29 +36,31 @@ torch version may legitimately change the program and the weights.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
-import logging
 import shutil
 import uuid
-import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mobileone_cli import __version__
-from mobileone_cli.errors import ExportFailedError, OutputError, UsageError
-from mobileone_cli.mil import run_program, summarize_program
+from mobileone_cli.errors import BadArtifactError, ExportFailedError, OutputError, UsageError
+from mobileone_cli.export.backend import Candidate, WriteContext, check_fits, first_line, in_chunks
+from mobileone_cli.mil import quiet_coremltools, run_program, summarize_program
+from mobileone_cli.options import CoreMLOptions
+from mobileone_cli.proof.inputs import IMAGENET_MEAN, IMAGENET_STD
+from mobileone_cli.results import Declared
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from mobileone_cli.verify import ReferenceRun, Verification
-
+name = "coreml"
+suffix = ".mlpackage"
+extra = None
 INPUT_NAME = "image"
 STEM_WEIGHT = "stage0.reparam_conv.weight"
 PACKAGE_SUFFIX = ".mlpackage"
@@ -74,56 +76,28 @@ LABEL_OUTPUT = "classLabel"
 PROBABILITIES_OUTPUT = f"{LABEL_OUTPUT}_probs"
 # The softmax ahead of a classifier's `classify` op; not an output of the package.
 _SOFTMAX_NAME = "probabilities"
-# torch 2.13 deprecates torch.jit.trace (and trace_method, which it calls); coremltools
-# converts TorchScript, and the torch.export path is a different, beta frontend.
-_TRACE_DEPRECATED = r"`torch\.jit\.trace(_method)?` is deprecated"
-# coremltools drops the TemporaryDirectory of its weights without closing it.
-_TEMPORARY_DIRECTORY = r"Implicitly cleaning up"
-
-# --- fp16 tolerance, see `fp16_tolerance` -------------------------------------------------
-FP16_FLOOR_FACTOR = 2.0
-FP16_MIN_RTOL = 1e-3
-FP16_TOLERANCE_RULE = f"max({FP16_MIN_RTOL:g}, {FP16_FLOOR_FACTOR:g} x fp16 noise floor)"
 
 
-@dataclass(frozen=True)
-class CoreMLOptions:
-    """How to convert and describe the package; the defaults suit an iPhone app."""
 
-    target: str = "iOS16"
-    """Minimum deployment target, a `coremltools.target` name (iOS15+, macOS12+, ...)."""
-    precision: str = "fp16"
-    """Compute precision, "fp16" or "fp32"; inputs and outputs are fp32 either way."""
-    image_input: bool = False
-    """An RGB image input (0-255 pixels, as from the camera) instead of a normalised tensor."""
-    labels: tuple[str, ...] | None = None
-    """Class labels, one per class: makes the package a classifier with probabilities."""
-    input_size: int = 224
-    """The fixed height and width of the input."""
-    description: str | None = None
-    """Short description; default "MobileOne <variant> folded by mobileone <version>"."""
-    version: str | None = None
-    author: str | None = None
-    license: str | None = None
+def missing() -> str | None:
+    """coremltools is a dependency of the tool itself."""
+    return None
 
 
-def export(
+def write(
     model: torch.nn.Module,
     path: Path,
     *,
-    metadata: dict[str, str],
-    options: CoreMLOptions,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
-    output_name: str = "logits",
+    context: WriteContext,
 ) -> None:
     """Convert the folded model to an ML Program and save the `.mlpackage` folder at `path`.
 
     The caller passes a temporary path and moves it into place after
-    verification. `metadata` becomes the package's user-defined metadata,
-    exactly (coremltools' own version keys are replaced). `mean` and `std` are
-    the normalisation the model was trained with; an image-input package
-    applies it to 0-255 pixels. Prints nothing: coremltools' log lines,
+    verification. The context's metadata becomes the package's user-defined
+    metadata, exactly (coremltools' own version keys are replaced); its `mean`
+    and `std` are the normalisation the model was trained with, which an
+    image-input package applies to 0-255 pixels; its labels make a classifier.
+    Prints nothing: coremltools' log lines,
     warnings and progress bars are silenced.
     """
     import torch
@@ -131,25 +105,25 @@ def export(
     if path.suffix != PACKAGE_SUFFIX:
         raise OutputError(f"a Core ML package is a folder ending in {PACKAGE_SUFFIX}: {path}",
                           hint=f"name the output {path.stem}{PACKAGE_SUFFIX}")
-    target = _deployment_target(options.target)
+    options: CoreMLOptions = context.options or CoreMLOptions()
+    labels, size, output_name = context.labels, context.input_size, context.output_name
+    target = deployment_target(options.target)
     _check_precision(options.precision)
-    example = torch.zeros(1, 3, options.input_size, options.input_size)
+    example = torch.zeros(1, 3, size, size)
     with torch.inference_mode():
         example_output = model(example)
-    _check_labels(options.labels, example_output)
-    prepared = _prepare(model, options=options, std=std)
-    with _quiet_coremltools():
+    _check_labels(labels, example_output)
+    prepared = _prepare(model, image_input=options.image_input, labels=labels, std=context.std)
+    with quiet_coremltools():
         import coremltools as ct
 
         traced = torch.jit.trace(prepared, example)
         try:
             mlmodel = ct.convert(
                 traced,
-                inputs=[_input_type(options, mean=mean)],
-                outputs=[_output_type(options, output_name)],
-                classifier_config=(
-                    ct.ClassifierConfig(list(options.labels)) if options.labels else None
-                ),
+                inputs=[_input_type(image_input=options.image_input, size=size, mean=context.mean)],
+                outputs=[_output_type(labels=labels, output_name=output_name)],
+                classifier_config=ct.ClassifierConfig(list(labels)) if labels else None,
                 convert_to="mlprogram",
                 minimum_deployment_target=target,
                 compute_precision=(
@@ -158,10 +132,9 @@ def export(
             )
         except Exception as error:  # coremltools raises anything from ValueError to AssertionError
             raise ExportFailedError(
-                f"coremltools could not convert the model: {_first_line(error)}"
+                f"coremltools could not convert the model: {first_line(error)}"
             ) from error
-    _describe(mlmodel, metadata=metadata, options=options, output_name=output_name,
-              features=example_output.dim() == 4, mean=mean, std=std)
+    _describe(mlmodel, context=context, options=options, features=example_output.dim() == 4)
     try:
         mlmodel.save(str(path))  # replaces whatever is at `path`
     finally:
@@ -191,13 +164,9 @@ def _make_reproducible(package: Path) -> None:
     model_file.write_bytes(spec.SerializeToString(deterministic=True))
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def _deployment_target(name: str) -> Any:
-    with _quiet_coremltools():
+def deployment_target(name: str) -> Any:
+    """The `coremltools.target` called `name`; a UsageError if unknown or older than iOS 15."""
+    with quiet_coremltools():
         import coremltools as ct
 
     target = getattr(ct.target, name, None)
@@ -229,15 +198,16 @@ def _check_labels(labels: tuple[str, ...] | None, output: torch.Tensor) -> None:
 
 
 def _prepare(
-    model: torch.nn.Module, *, options: CoreMLOptions, std: tuple[float, float, float]
+    model: torch.nn.Module, *, image_input: bool, labels: tuple[str, ...] | None,
+    std: tuple[float, float, float],
 ) -> torch.nn.Module:
     """The module to trace: std folded into the stem for image input, a softmax for a classifier."""
     import torch
 
     prepared = model
-    if options.image_input:
+    if image_input:
         prepared = fold_std_into_stem(model, std)
-    if options.labels:
+    if labels:
         # ClassifierConfig alone passes the model's output through as "probabilities".
         prepared = torch.nn.Sequential(prepared, torch.nn.Softmax(dim=1)).eval()
     return prepared
@@ -266,12 +236,12 @@ def fold_std_into_stem(
     return prepared.eval()
 
 
-def _input_type(options: CoreMLOptions, *, mean: tuple[float, float, float]) -> Any:
+def _input_type(*, image_input: bool, size: int, mean: tuple[float, float, float]) -> Any:
     import coremltools as ct
     import numpy as np
 
-    shape = (1, 3, options.input_size, options.input_size)
-    if not options.image_input:
+    shape = (1, 3, size, size)
+    if not image_input:
         return ct.TensorType(name=INPUT_NAME, shape=shape, dtype=np.float32)
     return ct.ImageType(
         name=INPUT_NAME,
@@ -282,39 +252,34 @@ def _input_type(options: CoreMLOptions, *, mean: tuple[float, float, float]) -> 
     )
 
 
-def _output_type(options: CoreMLOptions, output_name: str) -> Any:
+def _output_type(*, labels: tuple[str, ...] | None, output_name: str) -> Any:
     import coremltools as ct
     import numpy as np
 
     # Naming the output also stops coremltools warning that it renamed it.
-    return ct.TensorType(name=_SOFTMAX_NAME if options.labels else output_name, dtype=np.float32)
+    return ct.TensorType(name=_SOFTMAX_NAME if labels else output_name, dtype=np.float32)
 
 
 def _describe(
-    mlmodel: Any,
-    *,
-    metadata: dict[str, str],
-    options: CoreMLOptions,
-    output_name: str,
-    features: bool,
-    mean: tuple[float, float, float],
-    std: tuple[float, float, float],
+    mlmodel: Any, *, context: WriteContext, options: CoreMLOptions, features: bool
 ) -> None:
     """Set what the package says about itself, replacing coremltools' own metadata."""
+    metadata, output_name = context.metadata, context.output_name
+    mean, std = context.mean, context.std
     variant = metadata.get("mobileone.variant", "custom")
     mlmodel.short_description = options.description or (
         f"MobileOne {variant.upper() if variant != 'custom' else variant} "
         f"folded by mobileone {__version__}"
     )
-    for field in ("version", "author", "license"):
-        value = getattr(options, field)
+    for attribute in ("version", "author", "license"):
+        value = getattr(options, attribute)
         if value is not None:
-            setattr(mlmodel, field, value)
+            setattr(mlmodel, attribute, value)
     user_defined = mlmodel.user_defined_metadata
     user_defined.clear()  # com.github.apple.coremltools.{version,source,...}: host-dependent
     for key, value in sorted(metadata.items()):
         user_defined[key] = value
-    size = options.input_size
+    size = context.input_size
     if options.image_input:
         mlmodel.input_description[INPUT_NAME] = (
             f"RGB image, {size} x {size} (normalised inside the model)"
@@ -324,7 +289,7 @@ def _describe(
             f"RGB image, 1 x 3 x {size} x {size} float32, normalised: (pixel / 255 - mean) / std "
             f"with mean {_numbers(mean)} and std {_numbers(std)}"
         )
-    if options.labels:
+    if context.labels:
         mlmodel.output_description[LABEL_OUTPUT] = "The most probable class label"
         mlmodel.output_description[PROBABILITIES_OUTPUT] = "Probability of each class label"
     elif features:
@@ -335,31 +300,6 @@ def _describe(
 
 def _numbers(values: tuple[float, ...]) -> str:
     return "(" + ", ".join(f"{value:g}" for value in values) + ")"
-
-
-@contextlib.contextmanager
-def _quiet_coremltools() -> Iterator[None]:
-    """Silence coremltools while it imports and converts, so the CLI prints nothing extra.
-
-    Its log lines (untested torch version, no Core ML runtime off a Mac) go
-    through the `coremltools` logger, which a level mutes. Its progress bars are
-    tqdm's, which obeys TQDM_DISABLE only if set before tqdm's first import
-    (`import torch` has done that already), so stderr, where tqdm draws, is
-    redirected instead. Python warnings (renamed outputs, torch's deprecation
-    of tracing) are filtered by message.
-    """
-    logger = logging.getLogger("coremltools")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-            warnings.filterwarnings("ignore", message=_TRACE_DEPRECATED, category=DeprecationWarning)
-            warnings.filterwarnings("ignore", message=".*has been renamed")
-            warnings.filterwarnings("ignore", message=_TEMPORARY_DIRECTORY,
-                                    category=ResourceWarning)
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 # --- Verification -------------------------------------------------------------------------
@@ -376,24 +316,29 @@ class PackageDescription:
     """"fp16" when the program computes in fp16 (any fp16 value in it), else "fp32"."""
     is_classifier: bool
     output: str
-    """The output `candidate` returns: the probabilities of a classifier, else the only one."""
+    """The output `open` returns: the probabilities of a classifier, else the only one."""
+    outputs: tuple[str, ...]
+    """Every output the package declares."""
+    deployment_target: str
+    """The program's opset, which the minimum deployment target chose ("CoreML6" = iOS 16)."""
 
 
 def describe(path: Path) -> PackageDescription:
     """Read a saved `.mlpackage`'s input, precision and kind without evaluating it."""
     summary = summarize_program(path)
-    with _quiet_coremltools():
+    with quiet_coremltools():
         import coremltools as ct
         from coremltools.proto import MIL_pb2
 
         spec = ct.utils.load_spec(str(path))
     described = {feature.name: feature for feature in spec.description.input}
     if INPUT_NAME not in described or len(summary.inputs) != 1:
-        raise ExportFailedError(f"{path} does not take one input named '{INPUT_NAME}'")
+        raise BadArtifactError(f"{path} does not take one input named '{INPUT_NAME}'",
+                               hint="pass a .mlpackage written by `mobileone export`")
     _name, _dtype, shape = summary.inputs[0]
     if not all(isinstance(size, int) for size in shape):
-        raise ExportFailedError(f"{path} has a flexible input shape {shape}; "
-                                "mobileone writes and checks fixed ones")
+        raise BadArtifactError(f"{path} has a flexible input shape {shape}; "
+                               "mobileone writes and checks fixed ones")
     function = spec.mlProgram.functions["main"]
     operations = function.block_specializations[function.opset].operations
     fp16 = any(
@@ -409,159 +354,126 @@ def describe(path: Path) -> PackageDescription:
         precision="fp16" if fp16 else "fp32",
         is_classifier=bool(probabilities),
         output=probabilities or summary.outputs[0],
+        outputs=tuple(feature.name for feature in spec.description.output),
+        deployment_target=str(function.opset),
     )
 
 
-def candidate(
-    path: Path, *, mean: tuple[float, float, float], std: tuple[float, float, float]
-) -> Callable[[np.ndarray], np.ndarray]:
-    """The saved package, evaluated by `mil.run_program`, as a verification candidate.
+def open(path: Path) -> Candidate:
+    """The saved package, evaluated by `mil.run_program`, as a candidate.
 
     Takes the normalised float32 N x 3 x H x W batch the reference uses. An
     image-input package is fed the same images as 0-255 pixels,
-    `(x * std + mean) * 255` (not clipped or rounded: the check is of the
-    arithmetic, not of the camera). A classifier returns its probabilities
-    (compare with `softmax_reference`). The program takes one image, so a batch
-    runs one sample at a time; another height or width raises a `ValueError`.
+    `(x * std + mean) * 255` with the package's own recorded normalisation
+    (not clipped or rounded: the check is of the arithmetic, not of the
+    camera). A classifier returns its probabilities. The program takes one
+    image, so a batch runs one sample at a time; another height or width
+    raises a `ValueError`. `run_full_precision` evaluates the same program and
+    stored weights with float32 arithmetic (an fp16 program's conversion proof).
     """
     import numpy as np
 
     info = describe(path)
+    mean, std = _normalisation(path)
     pixel_scale = np.asarray(std, dtype=np.float64).reshape(1, -1, 1, 1) * PIXEL_RANGE
     pixel_offset = np.asarray(mean, dtype=np.float64).reshape(1, -1, 1, 1) * PIXEL_RANGE
 
-    def run(array: np.ndarray) -> np.ndarray:
-        _check_fits(array, info.input_shape, name=path.name)
-        if info.image_input:
-            array = (array * pixel_scale + pixel_offset).astype(np.float32)
-        outputs = [
-            run_program(path, {INPUT_NAME: array[index : index + 1]})[info.output]
-            for index in range(len(array))
-        ]
-        return np.concatenate(outputs).astype(np.float32, copy=False)
+    def runner(arithmetic: str) -> Callable[[np.ndarray], np.ndarray]:
+        def run_one(array: np.ndarray) -> np.ndarray:
+            if info.image_input:
+                array = (array * pixel_scale + pixel_offset).astype(np.float32)
+            outputs = run_program(path, {INPUT_NAME: array}, arithmetic=arithmetic)
+            return np.asarray(outputs[info.output]).astype(np.float32, copy=False)
 
-    return run
+        def run(array: np.ndarray) -> np.ndarray:
+            check_fits(array, info.input_shape, name=path.name)
+            return in_chunks(run_one, array, batch=1)
+
+        return run
+
+    declared = Declared(
+        runtime=f"mobileone MIL evaluator (coremltools {_coremltools_version()})",
+        input_name=INPUT_NAME,
+        input_shape=info.input_shape,
+        output_names=info.outputs,
+        precision=info.precision,
+        outputs_probabilities=info.is_classifier,
+        details={"deployment_target": info.deployment_target,
+                 "image_input": info.image_input,
+                 "compute_precision": info.precision},
+    )
+    def as_torch(model: torch.nn.Module) -> torch.nn.Module:
+        return _torch_equivalent(model, image_input=info.image_input,
+                                 probabilities=info.is_classifier, mean=mean, std=std)
+
+    return Candidate(declared=declared, run=runner("declared"),
+                     run_full_precision=runner("fp32"), as_torch=as_torch)
 
 
-def _check_fits(array: np.ndarray, shape: tuple[int, ...], *, name: str) -> None:
-    import numpy as np
+def _torch_equivalent(model: torch.nn.Module, *, image_input: bool, probabilities: bool,
+                      mean: tuple[float, ...], std: tuple[float, ...]) -> torch.nn.Module:
+    """The module the package computes, on normalised input: what `write` converted.
 
-    expected = " x ".join(str(size) for size in shape)
-    if array.dtype != np.float32 or array.ndim != len(shape) or array.shape[1:] != shape[1:]:
-        got = " x ".join(str(size) for size in array.shape)
-        raise ValueError(f"{name} takes input of shape {expected}; got {array.dtype} {got}")
+    An image-input package holds the stem with 1/std folded in and takes 0-255
+    pixels through its own `pixel * (1/255) - mean`, which coremltools 9 keeps
+    in fp32 ahead of the cast to fp16 (so they are buffers here, never rounded
+    with the weights); a classifier ends in a softmax.
+    """
+    import torch
+
+    layers: list[torch.nn.Module] = []
+    if image_input:
+        layers += [_image_preprocessing(mean, std), fold_std_into_stem(model, (std[0], std[1], std[2]))]
+    else:
+        layers.append(model)
+    if probabilities:
+        layers.append(torch.nn.Softmax(dim=1))
+    return torch.nn.Sequential(*layers).eval()
+
+
+def _image_preprocessing(mean: tuple[float, ...], std: tuple[float, ...]) -> torch.nn.Module:
+    """Normalised x -> pixels `(x * std + mean) * 255` (as `open` feeds them) -> the package's
+    own fp32 `pixel * (1/255) - mean`."""
+    import torch
+
+    class ImagePreprocessing(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            channels = (1, len(mean), 1, 1)
+            # Non-persistent: out of the state dict, so never rounded with the weights.
+            for name, value in (("to_pixels_scale", torch.tensor(std) * PIXEL_RANGE),
+                                ("to_pixels_offset", torch.tensor(mean) * PIXEL_RANGE),
+                                ("scale", torch.tensor([1.0 / PIXEL_RANGE] * len(mean))),
+                                ("bias", -torch.tensor(mean))):
+                self.register_buffer(name, value.reshape(channels), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            to_scale, to_offset = self.to_pixels_scale, self.to_pixels_offset
+            scale, bias = self.scale, self.bias
+            assert isinstance(to_scale, torch.Tensor) and isinstance(to_offset, torch.Tensor)
+            assert isinstance(scale, torch.Tensor) and isinstance(bias, torch.Tensor)
+            return (x * to_scale + to_offset) * scale + bias
+
+    return ImagePreprocessing().eval()
+
+
+def _normalisation(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std recorded in the package's metadata; ImageNet's where none is."""
+    with quiet_coremltools():
+        import coremltools as ct
+
+        metadata = ct.utils.load_spec(str(path)).description.metadata.userDefined
+    try:
+        return (tuple(json.loads(metadata["mobileone.mean"])),
+                tuple(json.loads(metadata["mobileone.std"])))
+    except (KeyError, ValueError, TypeError):
+        return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _coremltools_version() -> str:
+    return package_version("coremltools")
 
 
 def op_counts(path: Path) -> dict[str, int]:
     """Op type -> count over the program's main function (weights, `const`, not counted)."""
     return summarize_program(path).op_counts
-
-
-def softmax_reference(reference: ReferenceRun) -> ReferenceRun:
-    """`reference` with softmax-ed outputs, to verify a classifier's probabilities.
-
-    The fp32 outputs are soft-maxed in float32 and the float64 ones in float64,
-    so the noise floor still measures fp32 rounding against exact arithmetic.
-    """
-    return replace(
-        reference,
-        outputs_fp32=tuple(_softmax(output) for output in reference.outputs_fp32),
-        outputs_fp64=tuple(_softmax(output) for output in reference.outputs_fp64),
-    )
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    import numpy as np
-
-    exponentials = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return exponentials / exponentials.sum(axis=1, keepdims=True)
-
-
-@dataclass(frozen=True)
-class Fp16Tolerance:
-    """The tolerance of an fp16 package, and the measurement it derives from."""
-
-    noise_floor: float
-    """Relative error of the folded model in torch float16 against the float64 train-time model."""
-    rtol: float
-    rule: str
-
-    def apply(self, verification: Verification) -> Verification:
-        """`verification` (from `compare(..., rtol=self.rtol)`) reporting this floor and rule."""
-        floor = self.noise_floor
-        return replace(
-            verification,
-            noise_floor=floor,
-            floor_ratio=verification.max_rel_diff / floor if floor > 0 else None,
-            rtol=self.rtol,
-            tolerance_rule=self.rule,
-        )
-
-
-def fp16_noise_floor(
-    model: torch.nn.Module, reference: ReferenceRun, *, probabilities: bool = False
-) -> float:
-    """How far fp16 arithmetic alone moves the folded model's output (relative, like compare).
-
-    A float16 copy of `model` (the folded fp32 model given to `export`: its
-    weights rounded to fp16 as the converter rounds them) runs in torch on the
-    reference's inputs, rounding every activation to fp16 after every op as
-    the fp16 program does; its error against `reference.outputs_fp64`, over
-    the reference's scale, is the floor. `probabilities`: the reference holds
-    soft-maxed outputs (`softmax_reference`), so the fp16 outputs are too.
-    """
-    import numpy as np
-    import torch
-
-    half = copy.deepcopy(model).half().eval()
-    worst = 0.0
-    with torch.inference_mode():
-        for batch, exact in zip(reference.batches, reference.outputs_fp64):
-            output = half(torch.from_numpy(batch.array).half()).double().numpy()
-            if probabilities:
-                output = _softmax(output)
-            difference = np.abs(output - exact)
-            worst = max(worst, float(difference.max()) if np.isfinite(difference).all()
-                        else float("inf"))
-    return worst / reference.scale
-
-
-def fp16_tolerance(
-    model: torch.nn.Module, reference: ReferenceRun, *, probabilities: bool = False
-) -> Fp16Tolerance:
-    """The tolerance of an fp16 package: max(1e-3, 2 x the fp16 noise floor).
-
-    Derivation. An fp16 program rounds every weight once, when it is stored,
-    and every activation after every op, each time by up to 2^-11 (4.9e-4) of
-    its size; the roundings compound through S0's 88 ops and S4's 160. What
-    that does to the output depends on the weights and the input size, so it
-    is measured, not guessed: `fp16_noise_floor` runs the folded model in
-    torch float16, which rounds the same values at the same places (fp32
-    accumulation inside conv and linear, one rounding per op), and compares it
-    with the float64 train-time model. On the synthetic and reference S0 and
-    S4 checkpoints at 96-224 px the floor is 2.7e-2 to 2.4e-1 of the largest
-    logit, against 1e-5 to 7e-5 for fp32: their random weights make the
-    logits small differences of features 10-50x larger, which amplifies the
-    features' rounding (trained weights should sit lower; the rule adapts).
-
-    The program's own error is another draw of the same noise: the numpy
-    evaluator and torch round the same values but sum in different orders,
-    so about 0.1% of fp16 roundings fall the other way and the network
-    spreads them. Measured: 0.63-1.34x the floor over 17 packages (S0, S4,
-    64-224 px, tensor and image input, logits and probabilities), 0.87-1.15x
-    over 30 single images. A factor 2 passes every true export with 1.5x to
-    spare; that `compare` measures against the fp32 rather than the float64
-    reference moves the figure by 1e-5, nothing at this scale. The 1e-3
-    minimum (two fp16 roundings) keeps a tiny floor from demanding more than
-    fp16 can give. Corruption lands well past it: one fp16 weight of the
-    stem with its sign flipped gives 7.6x the S0 tolerance, one mid-network
-    conv scaled by 1.05 gives 2.5x. Errors below the tolerance (a few
-    percent of the logit scale here) cannot be told from fp16 rounding;
-    the fp32 check of the folded model, before export, is the fine one.
-    """
-    floor = fp16_noise_floor(model, reference, probabilities=probabilities)
-    return Fp16Tolerance(
-        noise_floor=floor,
-        rtol=max(FP16_MIN_RTOL, FP16_FLOOR_FACTOR * floor),
-        rule=FP16_TOLERANCE_RULE,
-    )

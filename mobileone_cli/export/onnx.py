@@ -24,19 +24,23 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mobileone_cli import __version__
-from mobileone_cli.errors import ExportFailedError
+from mobileone_cli.errors import BadArtifactError, ExportFailedError
+from mobileone_cli.export.backend import Candidate, WriteContext, check_fits, first_line, in_chunks
+from mobileone_cli.options import OnnxOptions
+from mobileone_cli.results import Declared
 
 if TYPE_CHECKING:
     import numpy as np
     import onnx
     import torch
 
+name = "onnx"
+suffix = ".onnx"
+extra = None
 INPUT_NAME = "image"
 PRODUCER_NAME = "mobileone"
 BATCH_AXIS = "batch"
@@ -51,19 +55,15 @@ _LEGACY_EXPORTER_WARNING = r".*legacy TorchScript-based ONNX export"
 _TORCH_ONNX_MODULES = r"torch\.onnx\."
 
 
-@dataclass(frozen=True)
-class OnnxOptions:
-    """How to write the ONNX file; the defaults suit mobile runtimes."""
+def missing() -> str | None:
+    """onnx, onnxsim and onnxruntime are dependencies of the tool itself."""
+    return None
 
-    opset: int = 17
-    dynamic_batch: bool = False
-    """Make the batch axis symbolic ("batch"); else it is fixed at 1."""
-    dynamic_size: bool = False
-    """Make height and width symbolic ("height", "width"); else both are `input_size`."""
-    simplify: bool = True
-    """Run onnxsim (constant folding, dead-node removal) before the checker."""
-    input_size: int = 224
-    """The static H = W when not dynamic (and the size traced when dynamic)."""
+
+def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
+    """The folded model as one self-contained ONNX file at `path` (see `export`)."""
+    export(model, path, metadata=dict(context.metadata), options=context.options or OnnxOptions(),
+           input_size=context.input_size, output_name=context.output_name)
 
 
 def export(
@@ -72,6 +72,7 @@ def export(
     *,
     metadata: dict[str, str],
     options: OnnxOptions,
+    input_size: int,
     output_name: str = "logits",
 ) -> None:
     """Write the folded model as one self-contained ONNX file at `path`.
@@ -82,7 +83,7 @@ def export(
     """
     import onnx
 
-    _trace(model, path, options=options, output_name=output_name)
+    _trace(model, path, options=options, input_size=input_size, output_name=output_name)
     proto = onnx.load(str(path))
     if options.simplify:
         proto = _simplify(proto)
@@ -90,17 +91,18 @@ def export(
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as error:
-        message = f"the exported ONNX model is invalid: {_first_line(error)}"
+        message = f"the exported ONNX model is invalid: {first_line(error)}"
         raise ExportFailedError(message) from None
     # Deterministic serialisation: no map fields depend on insertion or hash order.
     path.write_bytes(proto.SerializeToString(deterministic=True))
 
 
-def _trace(model: torch.nn.Module, path: Path, *, options: OnnxOptions, output_name: str) -> None:
+def _trace(model: torch.nn.Module, path: Path, *, options: OnnxOptions, input_size: int,
+           output_name: str) -> None:
     """torch.onnx's file at `path`; `export` reads it back and rewrites it in place."""
     import torch
 
-    example = torch.zeros(1, 3, options.input_size, options.input_size)
+    example = torch.zeros(1, 3, input_size, input_size)
     input_axes: dict[int, str] = {}
     output_axes: dict[int, str] = {}
     if options.dynamic_batch:
@@ -157,61 +159,49 @@ def _stamp(proto: onnx.ModelProto, *, metadata: dict[str, str]) -> None:
         proto.metadata_props.add(key=key, value=value)
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
-
-
-def candidate(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """An onnxruntime CPU session as a verification candidate: float32 NCHW in, first output out.
+def open(path: Path) -> Candidate:
+    """An onnxruntime CPU session as a candidate: float32 NCHW in, first output out.
 
     A model with a fixed batch of 1 runs a larger batch one sample at a time.
     An array whose channels, height or width do not fit the model's static
     shape raises a `ValueError` naming the shape the model takes.
     """
-    import numpy as np
+    import onnx
     import onnxruntime
 
-    session_options = onnxruntime.SessionOptions()
-    session_options.log_severity_level = 3  # errors only: no "unused initializer" chatter
-    # Idle threads sleep instead of spinning: verification shares the CPU with torch's threads.
-    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(
-        str(path), sess_options=session_options, providers=["CPUExecutionProvider"]
-    )
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        session_options = onnxruntime.SessionOptions()
+        session_options.log_severity_level = 3  # errors only: no "unused initializer" chatter
+        # Idle threads sleep instead of spinning: verification shares the CPU with torch's.
+        session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(
+            str(path), sess_options=session_options, providers=["CPUExecutionProvider"]
+        )
+    except Exception as error:  # noqa: BLE001 - onnx and onnxruntime raise unrelated types
+        raise BadArtifactError(f"{path} is not a readable ONNX model: {first_line(error)}",
+                               hint="pass an .onnx file written by `mobileone export`") from None
     model_input = session.get_inputs()[0]
-    expected: Sequence[int | str | None] = model_input.shape
+    expected = tuple(size if isinstance(size, int) else (size or None)
+                     for size in model_input.shape)
 
     def run(array: np.ndarray) -> np.ndarray:
-        _check_fits(array, expected, name=path.name)
-        static_batch = expected[0] if isinstance(expected[0], int) else None
-        chunk = static_batch or len(array)
-        outputs = [
-            session.run(None, {model_input.name: array[start : start + chunk]})[0]
-            for start in range(0, len(array), chunk)
-        ]
-        return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+        check_fits(array, expected, name=path.name)
+        batch = expected[0] if isinstance(expected[0], int) else None
+        return in_chunks(lambda chunk: session.run(None, {model_input.name: chunk})[0],
+                         array, batch=batch)
 
-    return run
-
-
-def _check_fits(array: np.ndarray, expected: Sequence[int | str | None], *, name: str) -> None:
-    import numpy as np
-
-    shape = " x ".join(str(size if isinstance(size, int) else size or "?") for size in expected)
-    if array.dtype != np.float32 or array.ndim != len(expected):
-        raise ValueError(f"{name} takes a float32 array of shape {shape}; "
-                         f"got {array.dtype} {' x '.join(map(str, array.shape))}")
-    batch, *rest = expected
-    mismatched = [
-        size != actual for size, actual in zip(rest, array.shape[1:]) if isinstance(size, int)
-    ]
-    uneven_batch = isinstance(batch, int) and len(array) % batch != 0
-    if any(mismatched) or uneven_batch:
-        raise ValueError(
-            f"{name} takes input of shape {shape}; got {' x '.join(map(str, array.shape))} "
-            "(export with dynamic_size / dynamic_batch to accept other shapes)"
-        )
+    declared = Declared(
+        runtime=f"onnxruntime {onnxruntime.__version__}",
+        input_name=model_input.name,
+        input_shape=tuple(size if isinstance(size, int) else str(size) for size in expected),
+        output_names=tuple(output.name for output in session.get_outputs()),
+        details={"opset": max((entry.version for entry in proto.opset_import
+                               if entry.domain in ("", "ai.onnx")), default=0),
+                 "ir_version": proto.ir_version,
+                 "producer": f"{proto.producer_name} {proto.producer_version}".strip()},
+    )
+    return Candidate(declared=declared, run=run, run_full_precision=run)
 
 
 def op_counts(path: Path) -> dict[str, int]:

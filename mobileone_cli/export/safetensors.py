@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mobileone_cli.checkpoint import load_checkpoint
+from mobileone_cli.export.backend import Candidate, WriteContext
 from mobileone_cli.layouts import convert_key
+from mobileone_cli.model import build_model
+from mobileone_cli.options import SafetensorsOptions
+from mobileone_cli.proof.compare import torch_runner
+from mobileone_cli.results import Declared
 
 if TYPE_CHECKING:
     import torch
 
-    from mobileone_cli.api import FoldedModel
-    from mobileone_cli.checkpoint import LoadedCheckpoint
-    from mobileone_cli.verify import Candidate, Verification
-
+name = "safetensors"
+suffix = ".safetensors"
+extra = None
 HEADER_ALIGNMENT = 8
+DTYPES = ("float32", "float16", "bfloat16")
+PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def missing() -> str | None:
+    """safetensors is a dependency of the tool itself."""
+    return None
 
 
 def serialize(state: dict[str, torch.Tensor], *, layout: str, metadata: dict[str, str]) -> bytes:
@@ -35,6 +46,7 @@ def serialize(state: dict[str, torch.Tensor], *, layout: str, metadata: dict[str
 
 
 def canonical_header(data: bytes) -> bytes:
+    """`data` with its JSON header re-serialised with sorted keys (and the same tensors)."""
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])
     metadata = header.pop("__metadata__", None)
@@ -45,70 +57,36 @@ def canonical_header(data: bytes) -> bytes:
     return struct.pack("<Q", len(text)) + text + data[8 + length :]
 
 
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-def export(folded: FoldedModel, path: Path, *, layout: str, metadata: dict[str, str],
-           dtype: str = "float32", rtol: float | None = None) -> Verification:
-    """Write the folded weights in `dtype` at `path`, re-read the file and verify it.
-
-    A float32 file gets the fold's own rule. A float16/bfloat16 file cannot meet
-    it: storing rounds every weight (by up to 2^-11 or 2^-8 of its size). So
-    its tolerance adds twice that rounding's measured effect, the *storage
-    floor*: how far the folded model moves when its in-memory weights are
-    rounded to `dtype`. That is not circular: the fold itself was proven in
-    fp32 before anything is written; this proves the file holds that fold.
-    """
+def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
+    """The folded model's weights in the options' dtype and layout, at `path`."""
     import torch
 
-    state = {key: value.to(getattr(torch, dtype)) for key, value in folded.state.items()}
-    path.write_bytes(serialize(state, layout=layout, metadata={**metadata, "mobileone.dtype": dtype}))
-    return verify_file(path, folded, rtol=rtol)
+    options = context.options or SafetensorsOptions()
+    layout = options.layout or context.metadata.get("mobileone.layout", "apple")
+    state = {key: value.detach().to(getattr(torch, options.dtype))
+             for key, value in model.state_dict().items()}
+    # "format": "pt" tells torch loaders (transformers, timm) the tensors are torch's.
+    metadata = {**context.metadata, "format": "pt", "mobileone.layout": layout,
+                "mobileone.dtype": options.dtype}
+    path.write_bytes(serialize(state, layout=layout, metadata=metadata))
 
 
-def verify_file(path: Path, folded: FoldedModel, *, rtol: float | None = None) -> Verification:
-    """A written file against the train-time reference, with the rule its dtype calls for."""
-    from mobileone_cli.verify import compare, tolerance
+def open(path: Path) -> Candidate:
+    """The file re-read and rebuilt in torch: proof of the bytes, not of tensors in memory."""
+    import torch
 
-    written = _read(path)
-    candidate = _candidate(written)
-    dtypes = {value.dtype for value in written.state.values() if value.is_floating_point()}
-    reduced = sorted(str(d).removeprefix("torch.") for d in dtypes if d.itemsize < 4)
-    if not reduced or rtol is not None:
-        return compare(folded.reference, candidate, rtol=rtol)
-    floor = storage_floor(folded, min(dtypes, key=lambda d: d.itemsize))
-    base, rule = tolerance(folded.reference, None)
-    return replace(compare(folded.reference, candidate, rtol=base + 2 * floor),
-                   tolerance_rule=f"{rule} + 2 x {reduced[0]} storage floor ({floor:.2g})")
-
-
-def storage_floor(folded: FoldedModel, dtype: torch.dtype) -> float:
-    """Relative output change of the folded model when its weights are rounded to `dtype`."""
-    from mobileone_cli.model import build_model
-    from mobileone_cli.verify import torch_candidate
-
-    spec = folded.loaded.spec.folded()
-    rounded = {key: value.to(dtype).float() for key, value in folded.state.items()}
-    exact = torch_candidate(folded.build())
-    shifted = torch_candidate(build_model(spec, rounded))
-    worst = max(float(abs(shifted(batch.array) - exact(batch.array)).max())
-                for batch in folded.reference.batches)
-    return worst / folded.reference.scale
-
-
-def file_candidate(path: Path) -> Candidate:
-    """The written file re-read and rebuilt: proof of the bytes, not of the tensors in memory."""
-    return _candidate(_read(path))
-
-
-def _read(path: Path) -> LoadedCheckpoint:
-    from mobileone_cli.checkpoint import load_checkpoint
-
-    return load_checkpoint(path)
-
-
-def _candidate(written: LoadedCheckpoint) -> Candidate:
-    from mobileone_cli.model import build_model
-    from mobileone_cli.verify import torch_candidate
-
-    return torch_candidate(build_model(written.spec, written.state))
+    loaded = load_checkpoint(path)
+    model = build_model(loaded.spec, loaded.state)
+    output = "logits" if loaded.spec.num_classes is not None else "features"
+    declared = Declared(
+        runtime=f"torch {torch.__version__}",
+        input_name="image",
+        input_shape=("batch", 3, "height", "width"),
+        output_names=(output,),
+        precision=PRECISIONS.get(loaded.source_dtype, loaded.source_dtype),
+        details={"layout": loaded.layout, "dtype": loaded.source_dtype,
+                 "variant": loaded.variant},
+    )
+    # Built in float32 whatever the stored dtype, so `run` is already full-precision arithmetic.
+    runner = torch_runner(model)
+    return Candidate(declared=declared, run=runner, run_full_precision=runner)

@@ -1,0 +1,495 @@
+"""The one export pipeline: load, fold, prove, then stage -> write -> prove -> gate -> move.
+
+`fold` is this pipeline with the one target safetensors; `export` runs it for
+one target or many (a bundle). Each run loads and folds the checkpoint once
+and computes the train-time reference once; every target and every check
+shares them. Every artifact is written into a hidden staging folder beside
+its destination, opened again in its own runtime (`Backend.open`) and proven
+against the reference there; the destination is replaced only when every
+artifact and every gate passed, so a failed or interrupted run leaves it as
+it was. Nothing here knows a format: the backends do.
+
+`verify` and `verify --manifest` go through the same `prove_artifact`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mobileone_cli import __version__
+from mobileone_cli.bundle import (
+    build_manifest,
+    check_hashes,
+    check_source_hash,
+    read_manifest,
+    write_bundle_files,
+)
+from mobileone_cli.checkpoint import LoadedCheckpoint, load_checkpoint
+from mobileone_cli.errors import BadArtifactError, ExportFailedError, UsageError
+from mobileone_cli.export.backend import Backend, Candidate, WriteContext
+from mobileone_cli.export.registry import BACKENDS, backend_for_path, get_backend
+from mobileone_cli.files import (
+    check_output_path,
+    replace_path,
+    sha256_path,
+    size_of,
+    staging_path,
+)
+from mobileone_cli.fold import fold_state
+from mobileone_cli.model import build_model
+from mobileone_cli.options import ExportOptions, Gates, VerifyOptions
+from mobileone_cli.proof.compare import compare, precision_cost, torch_runner, with_rounded_weights
+from mobileone_cli.proof.inputs import (
+    DEFAULT_INPUT_SIZE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    default_inputs,
+    image_inputs,
+)
+from mobileone_cli.proof.reference import ReferenceRun, run_module_reference, run_reference
+from mobileone_cli.report import count_parameters, measure_complexity, shapes_only
+from mobileone_cli.results import (
+    Artifact,
+    ArtifactCheck,
+    ExportResult,
+    GateCheck,
+    ManifestCheck,
+    ModelSummary,
+    ParamCounts,
+    PrecisionCost,
+    StageSummary,
+    Verification,
+    significant,
+)
+from mobileone_cli.variants import ArchitectureSpec
+
+if TYPE_CHECKING:
+    import torch
+
+Progress = Callable[[str], None]
+# Reduced precisions and the torch dtype their weights are stored in.
+STORAGE_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def _quiet(message: str) -> None:
+    """The progress callback of a caller that wants none."""
+
+
+@dataclass(frozen=True)
+class FoldedModel:
+    """A checkpoint folded and proven: the folded state and the reference it was checked on."""
+
+    loaded: LoadedCheckpoint
+    state: dict[str, torch.Tensor]
+    reference: ReferenceRun
+    verification: Verification
+
+    def build(self) -> torch.nn.Module:
+        """The folded model as an eval-mode float32 torch module."""
+        return build_model(self.loaded.spec.folded(), self.state)
+
+
+def fold_and_prove(loaded: LoadedCheckpoint, *, rtol: float | None = None,
+                   inputs_dir: Path | None = None,
+                   input_size: int = DEFAULT_INPUT_SIZE) -> FoldedModel:
+    """Fold `loaded` in float64, run the train-time reference once, prove the fold against it.
+
+    An already-folded source has nothing to fold: its state is taken as it is,
+    and the proof says so (its reference is the source itself).
+    """
+    state = loaded.state if loaded.is_folded else fold_state(loaded.spec, loaded.state)
+    batches = image_inputs(inputs_dir, size=input_size) if inputs_dir else default_inputs(input_size)
+    name = "the source itself (already folded)" if loaded.is_folded else "train-time fp32"
+    reference = run_reference(loaded.spec, loaded.state, batches, name=name)
+    folded_model = build_model(loaded.spec.folded(), state)
+    verification = compare(reference, torch_runner(folded_model), rtol=rtol)
+    return FoldedModel(loaded=loaded, state=state, reference=reference,
+                       verification=verification)
+
+
+def summarize(loaded: LoadedCheckpoint) -> ModelSummary:
+    """What a checkpoint is, with its train-time and folded parameter counts."""
+    spec = loaded.spec
+    return ModelSummary(
+        source=loaded.source,
+        source_sha256=loaded.sha256,
+        layout=loaded.layout,
+        variant=loaded.variant,
+        num_classes=spec.num_classes,
+        already_folded=spec.is_folded,
+        source_dtype=loaded.source_dtype,
+        container=loaded.container,
+        stripped_prefixes=loaded.stripped_prefixes,
+        skipped_extras=loaded.skipped_extras,
+        stages=stage_summaries(spec),
+        params=ParamCounts(train=count_parameters(shapes_only(spec)),
+                           fused=count_parameters(shapes_only(spec.folded()))),
+    )
+
+
+def stage_summaries(spec: ArchitectureSpec) -> tuple[StageSummary, ...]:
+    """The stem and each stage of `spec` as a table row."""
+    rows = [StageSummary("stem", 1, spec.stem.out_channels, spec.stem.conv_branches,
+                         spec.stem.stride, int(spec.stem.se_channels > 0))]
+    for index, stage in enumerate(spec.stages, start=1):
+        rows.append(StageSummary(
+            name=f"stage {index}",
+            blocks=len(stage),
+            out_channels=stage[-1].out_channels,
+            conv_branches=max(block.conv_branches for block in stage),
+            stride=stage[0].stride,
+            se_blocks=sum(block.se_channels > 0 for block in stage),
+        ))
+    return tuple(rows)
+
+
+def file_metadata(loaded: LoadedCheckpoint, *, layout: str, input_size: int,
+                  verification: Verification) -> dict[str, str]:
+    """What every written artifact says about itself; deterministic for the same input."""
+    figures = {key: value for key, value in significant(verification.to_dict()).items()
+               if isinstance(value, float)}
+    return {
+        "mobileone.folded": "true",
+        "mobileone.variant": loaded.variant,
+        "mobileone.layout": layout,
+        "mobileone.num_classes": str(loaded.spec.num_classes or 0),
+        "mobileone.input_size": json.dumps([3, input_size, input_size]),
+        "mobileone.mean": json.dumps(IMAGENET_MEAN),
+        "mobileone.std": json.dumps(IMAGENET_STD),
+        "mobileone.tool_version": __version__,
+        "mobileone.source_sha256": loaded.sha256,
+        "mobileone.verification": json.dumps(figures, sort_keys=True),
+    }
+
+
+# --- targets and destinations -------------------------------------------------------------
+
+
+def resolve_targets(options: ExportOptions) -> tuple[tuple[Backend, ...], tuple[tuple[str, str], ...]]:
+    """The backends to run and the (target, why) of each one skipped.
+
+    A target named on its own whose packages are missing is an error naming the
+    pip command; in a bundle (`--to all`) it is skipped and said, unless it is
+    in `options.required`.
+    """
+    if not options.targets:
+        raise UsageError("no export target", hint=f"--to takes {', '.join([*BACKENDS, 'all'])}")
+    backends = [get_backend(name) for name in options.targets]
+    for name in options.required:
+        get_backend(name)
+    chosen: list[Backend] = []
+    skipped: list[tuple[str, str]] = []
+    for backend in backends:
+        reason = backend.missing()
+        if reason is None:
+            chosen.append(backend)
+        elif options.is_bundle and backend.name not in options.required:
+            skipped.append((backend.name, reason))
+        else:
+            raise UsageError(f"--to {backend.name}: {reason}",
+                             hint=f'pip install "mobileone-cli[{backend.extra}]"')
+    return tuple(chosen), tuple(skipped)
+
+
+def output_paths(options: ExportOptions, backends: tuple[Backend, ...], *,
+                 stem: str) -> tuple[Path, dict[str, Path]]:
+    """The destination (file, package or bundle folder) and where each target ends up."""
+    if not options.is_bundle:
+        [backend] = backends
+        path = options.output or Path(f"{stem}{backend.suffix}")
+        if not path.name.lower().endswith(backend.suffix):
+            raise UsageError(f"-o {path}: a {backend.name} output ends in {backend.suffix}",
+                             hint=f"name it {path.stem}{backend.suffix}")
+        return path, {backend.name: path}
+    folder = options.output or Path(f"{stem}-export")
+    return folder, {backend.name: folder / f"{stem}{backend.suffix}" for backend in backends}
+
+
+def check_destination(destination: Path, *, force: bool, bundle: bool) -> None:
+    """Refuse, before any work, an output that exists or whose parent folder does not."""
+    if bundle and destination.is_dir() and not any(destination.iterdir()):
+        return  # an empty folder made for the bundle is not an existing output
+    check_output_path(destination, force=force)
+
+
+def read_labels(path: Path, *, num_classes: int | None) -> tuple[str, ...]:
+    """One label a line; the count must match the classifier."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise BadArtifactError(f"cannot read labels file {path}: {error}",
+                               hint="--labels takes a UTF-8 text file, one label a line") from None
+    labels = tuple(line.strip() for line in lines if line.strip())
+    if num_classes is None:
+        raise UsageError("--labels needs a classifier, and this checkpoint is a headless backbone",
+                         hint="drop --labels")
+    if len(labels) != num_classes:
+        raise UsageError(f"labels file has {len(labels)} labels, the model has {num_classes} classes",
+                         hint=f"give {path.name} one line per class, in class-index order")
+    return labels
+
+
+# --- the pipeline -------------------------------------------------------------------------
+
+
+def export(options: ExportOptions, *, progress: Progress = _quiet) -> ExportResult:
+    """Fold and prove the source, then write and prove every requested target.
+
+    Everything is staged in a hidden folder beside the destination and moved into
+    place by one rename only when every check passed, so an interrupted or failed
+    run leaves the destination as it was.
+    """
+    backends, skipped = resolve_targets(options)
+    progress("reading checkpoint")
+    loaded = load_checkpoint(options.source, ema=options.ema)
+    destination, paths = output_paths(options, backends, stem=f"mobileone_{loaded.variant}")
+    check_destination(destination, force=options.force, bundle=options.is_bundle)
+    labels = (read_labels(options.labels_file, num_classes=loaded.spec.num_classes)
+              if options.labels_file else None)
+    progress("folding and proving the fold")
+    folded = fold_and_prove(loaded, rtol=options.rtol, inputs_dir=options.inputs_dir,
+                            input_size=options.input_size)
+    summary = summarize(loaded)
+    if not folded.verification.passed:
+        return ExportResult(summary, folded.verification, artifacts=(), written=False,
+                            skipped=skipped)
+    model = folded.build()
+    layout = options.safetensors.layout or loaded.layout
+    metadata = file_metadata(loaded, layout=layout, input_size=options.input_size,
+                             verification=folded.verification)
+    with staging_path(destination) as staged:
+        if options.is_bundle:
+            staged.mkdir()
+        artifacts = []
+        for backend in backends:
+            final = paths[backend.name]
+            path = staged / final.name if options.is_bundle else staged
+            context = WriteContext(
+                input_size=options.input_size, output_name=_output_name(loaded),
+                metadata=metadata, mean=IMAGENET_MEAN, std=IMAGENET_STD, labels=labels,
+                options=_backend_options(options, backend.name, layout=layout),
+            )
+            progress(f"writing {backend.name}")
+            backend.write(model, path, context=context)
+            progress(f"proving {backend.name} in its own runtime")
+            artifacts.append(prove_written(backend, path, final, folded=folded, model=model,
+                                           rtol=options.rtol, gates=options.gates))
+        gate_checks = check_gates(options.gates, folded, tuple(artifacts))
+        result = ExportResult(summary, folded.verification, tuple(artifacts), written=False,
+                              gates=gate_checks,
+                              bundle=destination if options.is_bundle else None,
+                              skipped=skipped)
+        if not result.passed:
+            return result
+        if options.is_bundle:
+            progress("writing manifest.json and summary.md")
+            write_bundle_files(staged, build_manifest(
+                result, model=_model_facts(folded, options), input=_input_facts(options),
+                command=options.command, ema=options.ema, labels=labels))
+        replace_path(staged, destination)
+    return replace(result, written=True)
+
+
+def _output_name(loaded: LoadedCheckpoint) -> str:
+    return "logits" if loaded.spec.num_classes is not None else "features"
+
+
+def _backend_options(options: ExportOptions, name: str, *, layout: str) -> object:
+    """The backend's own options object out of the run's options (None: its defaults)."""
+    if name == "safetensors":
+        return replace(options.safetensors, layout=layout)
+    return getattr(options, name, None)
+
+
+def prove_written(backend: Backend, path: Path, final: Path, *, folded: FoldedModel,
+                  model: torch.nn.Module, rtol: float | None, gates: Gates) -> Artifact:
+    """Open a freshly written artifact in its runtime and prove it; its record names `final`."""
+    try:
+        candidate = backend.open(path)
+    except BadArtifactError as error:  # we wrote it: unreadable means the converter failed
+        raise ExportFailedError(f"the written {backend.name} file cannot be opened again: "
+                                f"{error.message}") from None
+    verification, cost = prove_artifact(candidate, folded.reference, model=model, rtol=rtol,
+                                        gates=gates)
+    return Artifact(path=final, format=backend.name, sha256=sha256_path(path),
+                    bytes=size_of(path), verification=verification, cost=cost,
+                    declared=candidate.declared)
+
+
+def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torch.nn.Module,
+                   rtol: float | None, gates: Gates) -> tuple[Verification, PrecisionCost | None]:
+    """The conversion proof of `candidate` and, for reduced precision, its measured cost.
+
+    The reference is restricted to the artifact's static input size and
+    soft-maxed for a probabilities output. A full-precision artifact is proven
+    against the train-time model. A reduced-precision one is proven with
+    float32 arithmetic on its stored weights against the torch module it
+    converts (`Candidate.as_torch`) with its weights rounded alike, both under
+    the fp32 noise-floor rule; then run in its own arithmetic against the fp32
+    train-time model, which measures (and gates) what the precision costs.
+    """
+    declared = candidate.declared
+    size = declared.static_size
+    try:
+        if size is not None:
+            reference = reference.restricted_to(size, size)
+        if declared.outputs_probabilities:
+            reference = reference.softmaxed()
+        if declared.precision == "fp32":
+            return compare(reference, candidate.run, rtol=rtol), None
+        if candidate.run_full_precision is None or declared.precision not in STORAGE_DTYPES:
+            raise ExportFailedError(f"{declared.runtime} cannot evaluate a {declared.precision} "
+                                    "artifact with float32 arithmetic, so it cannot be proven")
+        dtype = STORAGE_DTYPES[declared.precision]
+        equivalent = candidate.as_torch(model) if candidate.as_torch else model
+        same_weights = run_module_reference(
+            with_rounded_weights(equivalent, dtype), reference.batches,
+            name=f"folded model with {dtype} weights", is_classifier=reference.is_classifier)
+        verification = compare(same_weights, candidate.run_full_precision, rtol=rtol)
+        cost = precision_cost(reference, candidate.run, precision=declared.precision,
+                              min_cosine=gates.min_cosine, min_agreement=gates.min_agreement)
+    except ValueError as error:  # an input or output shape that does not fit the checkpoint
+        raise BadArtifactError(f"the artifact does not fit the checkpoint: {error}",
+                               hint="check which checkpoint the artifact came from") from None
+    return verification, cost
+
+
+def check_gates(gates: Gates, folded: FoldedModel,
+                artifacts: tuple[Artifact, ...]) -> tuple[GateCheck, ...]:
+    """Every size gate the user set, measured."""
+    checks = []
+    spec = folded.loaded.spec.folded()
+    if gates.max_params is not None:
+        checks.append(GateCheck("max_params", gates.max_params,
+                                count_parameters(shapes_only(spec)), "folded params"))
+    if gates.max_macs is not None:
+        side = folded.reference.batches[0].array.shape[-1]
+        checks.append(GateCheck("max_macs", gates.max_macs,
+                                measure_complexity(shapes_only(spec), size=(side, side)).macs,
+                                "folded MACs at the export size"))
+    if gates.max_size_mb is not None:
+        checks.extend(GateCheck("max_size_mb", gates.max_size_mb, artifact.bytes / 1e6,
+                                f"{artifact.path.name} size in MB")
+                      for artifact in artifacts)
+    return tuple(checks)
+
+
+def _model_facts(folded: FoldedModel, options: ExportOptions) -> dict[str, object]:
+    loaded = folded.loaded
+    size = (options.input_size, options.input_size)
+    spec = loaded.spec
+    return {
+        "variant": loaded.variant,
+        "layout": options.safetensors.layout or loaded.layout,
+        "num_classes": spec.num_classes,
+        "params": {"train": count_parameters(shapes_only(spec)),
+                   "fused": count_parameters(shapes_only(spec.folded()))},
+        "macs": {"train": measure_complexity(shapes_only(spec), size=size).macs,
+                 "fused": measure_complexity(shapes_only(spec.folded()), size=size).macs,
+                 "input_size": list(size)},
+        "source": {"name": loaded.source.name, "bytes": size_of(loaded.source),
+                   "sha256": loaded.sha256, "layout": loaded.layout,
+                   "dtype": loaded.source_dtype, "ema": options.ema},
+    }
+
+
+def _input_facts(options: ExportOptions) -> dict[str, object]:
+    size = options.input_size
+    return {"name": "image", "shape": [1, 3, size, size], "channel_order": "RGB",
+            "layout": "NCHW", "scale": 1 / 255, "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "normalisation": "(pixel * scale - mean) / std, pixel in 0-255",
+            "dynamic_batch": options.onnx.dynamic_batch,
+            "dynamic_size": options.onnx.dynamic_size,
+            "coreml_image_input": options.coreml.image_input}
+
+
+# --- verify -------------------------------------------------------------------------------
+
+
+def artifact_backend(path: Path) -> Backend:
+    """The backend of an artifact given to `verify`, by its suffix."""
+    backend = backend_for_path(str(path).rstrip("/"))
+    if backend is None:
+        if path.is_dir() and (path / "Manifest.json").exists():
+            return get_backend("coreml")
+        suffixes = ", ".join(backend.suffix for backend in BACKENDS.values())
+        raise BadArtifactError(f"{path} is not an artifact mobileone writes",
+                               hint=f"pass a file ending in {suffixes}")
+    if path.is_dir() != (backend.suffix == ".mlpackage"):
+        kind = "folder" if path.is_dir() else "file"
+        raise BadArtifactError(f"{path} is a {kind}, not a {backend.name} artifact",
+                               hint=f"pass the {backend.suffix} that `mobileone export` wrote")
+    return backend
+
+
+def verify_artifact(options: VerifyOptions, *, progress: Progress = _quiet) -> ArtifactCheck:
+    """Prove an artifact of any target against the train-time checkpoint it came from."""
+    backend = artifact_backend(options.artifact)
+    missing = backend.missing()
+    if missing is not None:
+        raise UsageError(f"cannot open {options.artifact}: {missing}",
+                         hint=f'pip install "mobileone-cli[{backend.extra}]"')
+    progress(f"opening the {backend.name} artifact")
+    candidate = backend.open(options.artifact)
+    size = options.input_size or candidate.declared.static_size or DEFAULT_INPUT_SIZE
+    progress("reading the train-time checkpoint")
+    loaded = load_checkpoint(options.against, ema=options.ema)
+    progress("running the train-time model")
+    folded = fold_and_prove(loaded, inputs_dir=options.inputs_dir, input_size=size)
+    progress(f"running the {backend.name} artifact")
+    artifact = _checked(backend, options.artifact, candidate, folded, rtol=options.rtol,
+                        gates=options.gates)
+    return ArtifactCheck(artifact=artifact, against=options.against, against_sha256=loaded.sha256,
+                         variant=loaded.variant)
+
+
+def _checked(backend: Backend, path: Path, candidate: Candidate, folded: FoldedModel, *,
+             rtol: float | None, gates: Gates, model: torch.nn.Module | None = None) -> Artifact:
+    try:
+        verification, cost = prove_artifact(candidate, folded.reference,
+                                            model=model or folded.build(), rtol=rtol, gates=gates)
+    except BadArtifactError as error:
+        raise BadArtifactError(f"{path} is not an export of {folded.loaded.source.name}: "
+                               f"{error.message}", hint=error.hint) from None
+    return Artifact(path=path, format=backend.name, sha256=sha256_path(path),
+                    bytes=size_of(path), verification=verification, cost=cost,
+                    declared=candidate.declared)
+
+
+def verify_bundle(manifest_path: Path, *, against: Path | None = None,
+                  rtol: float | None = None, gates: Gates | None = None,
+                  progress: Progress = _quiet) -> ManifestCheck:
+    """Recompute every hash of a bundle; with `against`, re-prove every artifact.
+
+    The checkpoint is loaded, folded and run once for the whole bundle.
+    """
+    manifest = read_manifest(manifest_path)
+    folder = manifest_path.parent
+    progress("hashing the bundle")
+    hashes, problems = check_hashes(manifest, folder)
+    checks: list[ArtifactCheck] = []
+    if against is not None:
+        loaded = load_checkpoint(against)
+        hashes = (*hashes, check_source_hash(manifest, against, sha256=loaded.sha256))
+        size = int(manifest["input"]["shape"][-1])
+        progress("running the train-time model")
+        folded = fold_and_prove(loaded, input_size=size)
+        model = folded.build()
+        for entry in manifest["artifacts"]:
+            path = folder / entry["path"]
+            if not path.exists():
+                continue
+            backend = get_backend(entry["format"])
+            progress(f"proving {entry['path']}")
+            artifact = _checked(backend, path, backend.open(path), folded, rtol=rtol,
+                                gates=gates or Gates(), model=model)
+            checks.append(ArtifactCheck(artifact=artifact, against=against,
+                                        against_sha256=loaded.sha256, variant=loaded.variant))
+    return ManifestCheck(manifest=manifest_path, hashes=tuple(hashes),
+                         verifications=tuple(checks), problems=tuple(problems))
+

@@ -1,0 +1,184 @@
+"""Measure a candidate against a reference, and the tolerance rules that judge the figures.
+
+Two questions, kept apart for every artifact:
+
+- The conversion proof (`compare`): does the artifact compute what the
+  folded model computes? A full-precision artifact is measured against the
+  train-time model. A reduced-precision one runs its stored weights with
+  float32 arithmetic and is measured against the folded model with its
+  weights rounded the same way (`with_rounded_weights`): both sides then hold
+  the same numbers, so the fp32 noise-floor rule applies unchanged, and a
+  tampered or mis-converted artifact fails however lossy its precision is.
+- The cost of precision (`precision_cost`): what a reduced-precision artifact,
+  run in its own arithmetic, gives up against the fp32 train-time model: top-1
+  and top-5 agreement, mean and worst cosine. Gated by `--min-cosine` and
+  `--min-agreement`; a failure names `--precision fp32`, never a bug.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from mobileone_cli.results import PrecisionCost, Verification
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from mobileone_cli.proof.inputs import InputBatch
+    from mobileone_cli.proof.reference import ReferenceRun
+
+Runner = Callable[["np.ndarray"], "np.ndarray"]
+
+# Measured at 160 px: a correct fold of the reference and synthetic checkpoints
+# lands at 1.0-3.3e-5 (1.0-1.7x the fp32 noise floor); every injected fault in
+# tests/faults.py at 2.9e-2 or more (over 1000x the floor). 1e-4 sits 3x above the
+# one and 300x below the other. But the floor grows with depth and shrinks with
+# input size (S4 at 32x96 px: 1.05e-4), so a fixed number cannot be right for
+# every model: by default the tolerance is the larger of 1e-4 and 10x the floor.
+DEFAULT_RTOL = 1e-4
+FLOOR_FACTOR = 10.0
+AUTO_TOLERANCE = f"max({DEFAULT_RTOL:g}, {FLOOR_FACTOR:g} x noise floor)"
+# Gates on the cost of a reduced-precision artifact; see the README's "Verification".
+DEFAULT_MIN_COSINE = 0.99
+DEFAULT_MIN_AGREEMENT = 0.9
+TOP_K = 5
+
+
+def torch_runner(model: torch.nn.Module) -> Runner:
+    """A torch module as a candidate: float32 NCHW numpy in, numpy out."""
+    import torch
+
+    def run(array: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(array)).numpy()
+
+    return run
+
+
+def tolerance(reference: ReferenceRun, rtol: float | None) -> tuple[float, str]:
+    """The user's --rtol exactly, or by default the larger of 1e-4 and 10x the noise floor."""
+    if rtol is not None:
+        return rtol, "--rtol"
+    return max(DEFAULT_RTOL, FLOOR_FACTOR * reference.noise_floor), AUTO_TOLERANCE
+
+
+def compare(reference: ReferenceRun, candidate: Runner, *, rtol: float | None) -> Verification:
+    """Run `candidate` on every reference input and measure it against the fp32 outputs.
+
+    `rtol=None` applies the default rule (see `tolerance`). Raises ValueError
+    when the candidate's output shape differs from the reference's.
+    """
+    import numpy as np
+
+    max_abs = 0.0
+    cosines: list[float] = []
+    agreements: list[bool] = []
+    for _batch, expected, actual in _paired(reference, candidate):
+        difference = np.abs(actual - expected)
+        # NaN must not vanish in max(): a non-finite output is an infinite error.
+        worst = float(difference.max()) if np.isfinite(difference).all() else float("inf")
+        max_abs = max(max_abs, worst)
+        cosines.extend(_cosines(actual, expected))
+        if reference.is_classifier:
+            agreements.extend(_top_k_agreement(actual, expected, k=1))
+    floor = reference.noise_floor
+    relative = max_abs / reference.scale
+    applied, rule = tolerance(reference, rtol)
+    return Verification(
+        max_abs_diff=max_abs,
+        max_rel_diff=relative,
+        cosine_similarity=float(min(cosines)),
+        top1_agreement=float(np.mean(agreements)) if agreements else None,
+        noise_floor=floor,
+        floor_ratio=relative / floor if floor > 0 else None,
+        rtol=applied,
+        tolerance_rule=rule,
+        inputs=tuple(batch.description for batch in reference.batches),
+        reference=reference.name,
+    )
+
+
+def precision_cost(reference: ReferenceRun, candidate: Runner, *, precision: str,
+                   min_cosine: float = DEFAULT_MIN_COSINE,
+                   min_agreement: float = DEFAULT_MIN_AGREEMENT) -> PrecisionCost:
+    """What `candidate`, run in its own `precision`, gives up against the fp32 reference."""
+    import numpy as np
+
+    cosines: list[float] = []
+    top1: list[bool] = []
+    top5: list[bool] = []
+    max_abs = 0.0
+    for _batch, expected, actual in _paired(reference, candidate):
+        difference = np.abs(actual - expected)
+        max_abs = max(max_abs, float(difference.max()) if np.isfinite(difference).all()
+                      else float("inf"))
+        cosines.extend(_cosines(actual, expected))
+        if reference.is_classifier:
+            top1.extend(_top_k_agreement(actual, expected, k=1))
+            top5.extend(_top_k_agreement(actual, expected, k=TOP_K))
+    return PrecisionCost(
+        precision=precision,
+        top1_agreement=float(np.mean(top1)) if top1 else None,
+        top5_agreement=float(np.mean(top5)) if top5 else None,
+        mean_cosine=float(np.mean(cosines)),
+        worst_cosine=float(min(cosines)),
+        max_rel_diff=max_abs / reference.scale,
+        min_cosine=min_cosine,
+        min_agreement=min_agreement,
+    )
+
+
+def with_rounded_weights(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """A float32 copy of `model` whose floating-point weights are rounded to `dtype` and back.
+
+    The module a reduced-precision file's stored weights make, evaluated with
+    float32 arithmetic: what the file's full-precision evaluation must match.
+    """
+    import torch
+
+    rounded = copy.deepcopy(model).float().eval()
+    with torch.no_grad():
+        for tensor in rounded.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(tensor.to(getattr(torch, dtype)).float())
+    return rounded
+
+
+def _paired(reference: ReferenceRun,
+            candidate: Runner) -> list[tuple[InputBatch, np.ndarray, np.ndarray]]:
+    """(batch, expected fp32 as float64, candidate output as float64) for every batch."""
+    import numpy as np
+
+    pairs: list[tuple[InputBatch, np.ndarray, np.ndarray]] = []
+    for batch, expected in zip(reference.batches, reference.outputs_fp32, strict=True):
+        actual = np.asarray(candidate(batch.array), dtype=np.float64)
+        if actual.shape != expected.shape:
+            raise ValueError(f"candidate output {actual.shape} != reference {expected.shape}")
+        pairs.append((batch, expected.astype(np.float64), actual))
+    return pairs
+
+
+def _cosines(actual: np.ndarray, expected: np.ndarray) -> list[float]:
+    """Cosine similarity of each sample's outputs; NaN (a non-finite output) counts as -1."""
+    import numpy as np
+
+    flat_actual = actual.reshape(len(actual), -1)
+    flat_expected = expected.reshape(len(expected), -1)
+    norms = np.linalg.norm(flat_actual, axis=1) * np.linalg.norm(flat_expected, axis=1)
+    cosine = (flat_actual * flat_expected).sum(axis=1) / np.maximum(norms, 1e-300)
+    return [float(value) for value in np.nan_to_num(cosine, nan=-1.0)]
+
+
+def _top_k_agreement(actual: np.ndarray, expected: np.ndarray, *, k: int) -> list[bool]:
+    """Whether each sample's reference top-1 class is among the candidate's top k."""
+    import numpy as np
+
+    flat_actual = actual.reshape(len(actual), -1)
+    flat_expected = expected.reshape(len(expected), -1)
+    k = min(k, flat_actual.shape[1])
+    top = np.argsort(-flat_actual, axis=1)[:, :k]
+    wanted = flat_expected.argmax(axis=1)
+    return [bool(wanted[i] in top[i]) for i in range(len(top))]

@@ -1,0 +1,399 @@
+"""Every frozen result type the core returns; the CLI renders them, `--json` serialises them.
+
+Each result knows whether it passed and so its exit code; `to_dict` is its
+JSON shape. Nothing here imports torch or any module of ours beyond `errors`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mobileone_cli.errors import EXIT_OK, EXIT_VERIFICATION_FAILED
+
+MAC_CONVENTION = "multiply-accumulates of conv and linear layers (the paper's FLOPs)"
+
+
+def format_number(value: float) -> str:
+    """Counts with thousands separators (2,078,504), sizes to four digits (8.323)."""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+
+
+def significant(value: Any, digits: int = 3) -> Any:
+    """Floats to `digits` significant digits, recursively through dicts and lists.
+
+    Thread scheduling may move the last bits of an fp32 sum, so figures that
+    are written into files (metadata, manifests) are rounded to stay reproducible.
+    """
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {key: significant(inner, digits) for key, inner in value.items()}
+    if isinstance(value, list):
+        return [significant(inner, digits) for inner in value]
+    return value
+
+
+def _finite_or_none(figures: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe figures: an infinite error (non-finite output) becomes null."""
+    return {key: (value if not isinstance(value, float) or math.isfinite(value) else None)
+            for key, value in figures.items()}
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How closely a candidate reproduces its reference: the conversion proof."""
+
+    max_abs_diff: float
+    max_rel_diff: float
+    """max |candidate - reference| / max |reference|."""
+    cosine_similarity: float
+    """The lowest cosine similarity of any one sample's outputs."""
+    top1_agreement: float | None
+    """Fraction of samples whose arg-max class agrees; None for a headless backbone."""
+    noise_floor: float
+    floor_ratio: float | None
+    """max_rel_diff / noise_floor: about 1 for a correct fold; None if the floor is 0."""
+    rtol: float
+    """The tolerance applied to max_rel_diff."""
+    tolerance_rule: str
+    """How `rtol` was chosen, in words (the default rule, "--rtol", a storage floor added...)."""
+    inputs: tuple[str, ...]
+    reference: str = "train-time fp32"
+    """What the candidate was compared with."""
+
+    @property
+    def passed(self) -> bool:
+        """True when every check this result holds has passed."""
+        return self.max_rel_diff <= self.rtol
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
+        figures = _finite_or_none(asdict(self))
+        return {**figures, "inputs": list(self.inputs), "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class PrecisionCost:
+    """What a reduced-precision artifact gives up against the fp32 train-time model.
+
+    Measured with the artifact run in its own precision, on the verification
+    inputs; gated by `--min-cosine` and `--min-agreement`.
+    """
+
+    precision: str
+    top1_agreement: float | None
+    top5_agreement: float | None
+    mean_cosine: float
+    worst_cosine: float
+    max_rel_diff: float
+    min_cosine: float
+    """The gate on `worst_cosine`."""
+    min_agreement: float
+    """The gate on `top1_agreement` (classifiers only)."""
+
+    @property
+    def passed(self) -> bool:
+        """True when every check this result holds has passed."""
+        agreement_ok = self.top1_agreement is None or self.top1_agreement >= self.min_agreement
+        return self.worst_cosine >= self.min_cosine and agreement_ok
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
+        return {**_finite_or_none(asdict(self)), "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What a written artifact says about itself, as read back from the file."""
+
+    runtime: str
+    """The runtime that ran it here, with its version, e.g. "onnxruntime 1.32.0"."""
+    input_name: str
+    input_shape: tuple[int | str, ...]
+    """As the file declares it; a str is a symbolic axis."""
+    output_names: tuple[str, ...]
+    layout: str = "NCHW"
+    """"NCHW", or "NHWC" for a channels-last input."""
+    dtype: str = "float32"
+    """Of the input and output tensors."""
+    precision: str = "fp32"
+    """What the model stores and computes in: "fp32", "fp16", "bfloat16", "int8"..."""
+    outputs_probabilities: bool = False
+    """The output is soft-maxed probabilities (a Core ML classifier), not logits."""
+    details: Mapping[str, Any] = field(default_factory=dict)
+    """Format-specific facts for the manifest (opset and IR, deployment target ...)."""
+
+    @property
+    def static_size(self) -> int | None:
+        """The fixed square input side, or None when height or width is symbolic."""
+        if len(self.input_shape) != 4:
+            return None
+        height, width = (self.input_shape[1:3] if self.layout == "NHWC"
+                         else self.input_shape[2:4])
+        if isinstance(height, int) and isinstance(width, int) and height == width:
+            return height
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
+        return {"runtime": self.runtime, "input_name": self.input_name,
+                "input_shape": list(self.input_shape), "output_names": list(self.output_names),
+                "layout": self.layout, "dtype": self.dtype, "precision": self.precision,
+                "outputs_probabilities": self.outputs_probabilities,
+                "details": dict(self.details)}
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One written file (or Core ML package folder), what it declares, and its proof."""
+
+    path: Path
+    format: str
+    sha256: str
+    bytes: int
+    verification: Verification | None
+    cost: PrecisionCost | None = None
+    """Only for a reduced-precision artifact."""
+    declared: Declared | None = None
+
+    @property
+    def passed(self) -> bool:
+        """True when every check this result holds has passed."""
+        return (self.verification is not None and self.verification.passed
+                and (self.cost is None or self.cost.passed))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
+        return {
+            "path": str(self.path),
+            "format": self.format,
+            "sha256": self.sha256,
+            "bytes": self.bytes,
+            "verification": self.verification.to_dict() if self.verification else None,
+            "cost": self.cost.to_dict() if self.cost else None,
+            "declared": self.declared.to_dict() if self.declared else None,
+        }
+
+
+@dataclass(frozen=True)
+class StageSummary:
+    """One row of a model's architecture table."""
+
+    name: str
+    blocks: int
+    out_channels: int
+    conv_branches: int
+    stride: int
+    se_blocks: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Learnable parameters of the train-time and of the folded model."""
+
+    train: int
+    fused: int
+
+    def to_dict(self) -> dict[str, int]:
+        """The JSON shape of this result, as `--json` prints it."""
+        return {"train": self.train, "fused": self.fused}
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What a checkpoint is: layout, variant and architecture."""
+
+    source: Path
+    source_sha256: str
+    layout: str
+    variant: str
+    num_classes: int | None
+    already_folded: bool
+    source_dtype: str
+    container: str | None
+    stripped_prefixes: tuple[str, ...]
+    skipped_extras: tuple[str, ...]
+    stages: tuple[StageSummary, ...]
+    params: ParamCounts
+
+    @property
+    def exit_code(self) -> int:
+        """Always 0: reading a checkpoint that loads is a success."""
+        return EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
+        return {
+            "source": str(self.source),
+            "source_sha256": self.source_sha256,
+            "layout": self.layout,
+            "variant": self.variant,
+            "num_classes": self.num_classes,
+            "headless": self.num_classes is None,
+            "already_folded": self.already_folded,
+            "source_dtype": self.source_dtype,
+            "container": self.container,
+            "stripped_prefixes": list(self.stripped_prefixes),
+            "skipped_extras": list(self.skipped_extras),
+            "stages": [stage.to_dict() for stage in self.stages],
+            "params": self.params.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One release gate (--max-params, --max-macs, --max-size-mb) against its measured value."""
+
+    name: str
+    limit: float
+    value: float
+    subject: str
+
+    @property
+    def passed(self) -> bool:
+        """True when every check this result holds has passed."""
+        return self.value <= self.limit
+
+    def message(self) -> str:
+        """One line naming the gate, the value and the excess."""
+        excess = self.value - self.limit
+        return (f"--{self.name.replace('_', '-')} failed: {self.subject} is "
+                f"{format_number(self.value)}, over the limit {format_number(self.limit)} by "
+                f"{format_number(excess)} ({excess / self.limit:.1%})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
+        return {"gate": self.name, "subject": self.subject, "limit": self.limit,
+                "value": self.value, "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """The result of `fold` and of `export`: the fold's proof and every artifact's.
+
+    `fold` is the export pipeline with the one target safetensors, so both
+    commands return this and print its JSON shape.
+    """
+
+    summary: ModelSummary
+    fold_verification: Verification
+    artifacts: tuple[Artifact, ...]
+    """Every artifact with its verification; on disk only when `written`."""
+    written: bool
+    gates: tuple[GateCheck, ...] = ()
+    bundle: Path | None = None
+    """The bundle folder (with manifest.json and summary.md) of a multi-target export."""
+    skipped: tuple[tuple[str, str], ...] = ()
+    """(target, why) for each target of `--to all` whose packages are not installed."""
+
+    @property
+    def passed(self) -> bool:
+        """True when every check this result holds has passed."""
+        return (self.fold_verification.passed
+                and all(artifact.passed for artifact in self.artifacts)
+                and all(gate.passed for gate in self.gates))
+
+    @property
+    def exit_code(self) -> int:
+        """The exit code this result calls for: 0 when it passed, else 3."""
+        return EXIT_OK if self.passed else EXIT_VERIFICATION_FAILED
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
+        summary = self.summary.to_dict()
+        return {
+            "variant": summary.pop("variant"),
+            "layout": summary.pop("layout"),
+            "num_classes": summary.pop("num_classes"),
+            "params": summary.pop("params"),
+            "fold_verification": self.fold_verification.to_dict(),
+            "passed": self.passed,
+            "written": self.written,
+            "artifacts": [artifact.to_dict() for artifact in self.artifacts],
+            "gates": [gate.to_dict() for gate in self.gates],
+            "bundle": str(self.bundle) if self.bundle else None,
+            "skipped": [{"target": target, "reason": reason} for target, reason in self.skipped],
+            **summary,
+        }
+
+
+@dataclass(frozen=True)
+class ArtifactCheck:
+    """One artifact verified against a train-time checkpoint."""
+
+    artifact: Artifact
+    against: Path
+    against_sha256: str
+    variant: str
+
+    @property
+    def passed(self) -> bool:
+        """True when every check this result holds has passed."""
+        return self.artifact.passed
+
+    @property
+    def exit_code(self) -> int:
+        """The exit code this result calls for: 0 when it passed, else 3."""
+        return EXIT_OK if self.passed else EXIT_VERIFICATION_FAILED
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
+        return {**self.artifact.to_dict(), "against": str(self.against),
+                "against_sha256": self.against_sha256, "variant": self.variant,
+                "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class HashCheck:
+    """One file of a bundle: the sha256 the manifest records against the one on disk."""
+
+    path: str
+    expected: str
+    actual: str | None
+
+    @property
+    def passed(self) -> bool:
+        """True when every check this result holds has passed."""
+        return self.actual == self.expected
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
+        return {"path": self.path, "expected": self.expected, "actual": self.actual,
+                "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class ManifestCheck:
+    """A bundle checked later: every hash, and every artifact's numbers when a source is given."""
+
+    manifest: Path
+    hashes: tuple[HashCheck, ...]
+    verifications: tuple[ArtifactCheck, ...]
+    problems: tuple[str, ...] = ()
+    """Failures that are neither a hash nor a proof (an unlisted file in the bundle...)."""
+
+    @property
+    def passed(self) -> bool:
+        """True when every check this result holds has passed."""
+        return (not self.problems and all(check.passed for check in self.hashes)
+                and all(check.passed for check in self.verifications))
+
+    @property
+    def exit_code(self) -> int:
+        """The exit code this result calls for: 0 when it passed, else 3."""
+        return EXIT_OK if self.passed else EXIT_VERIFICATION_FAILED
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
+        return {"manifest": str(self.manifest), "passed": self.passed,
+                "hashes": [check.to_dict() for check in self.hashes],
+                "verifications": [check.to_dict() for check in self.verifications],
+                "problems": list(self.problems)}
