@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mobileone_cli.errors import BadCheckpointError, printable
-from mobileone_cli.layouts import LAYOUTS, KeyAddress, convert_key, get_layout, parse_key
+from mobileone_cli.layouts import (
+    MOBILEONE_LAYOUTS,
+    YANGJIE,
+    KeyAddress,
+    convert_key,
+    get_layout,
+    parse_key,
+)
 from mobileone_cli.variants import STEM_IN_CHANNELS, ArchitectureSpec, BlockSpec, identify_variant
 
 if TYPE_CHECKING:
@@ -114,6 +121,11 @@ def _normalise_feature_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def detect_layout(keys: list[str]) -> str:
     """The layout most keys belong to; refuses look-alikes by name."""
+    counts = {layout: sum(parse_key(key, layout) is not None for key in keys)
+              for layout in MOBILEONE_LAYOUTS}
+    # shoutOutYangJie's keys (`stage5.`, `dw_*`) are what two look-alike patterns catch.
+    if counts[YANGJIE] and counts[YANGJIE] >= len(keys) / 2:
+        return YANGJIE
     for pattern, looks_like in _LOOK_ALIKES:
         example = next((key for key in keys if pattern.search(key)), None)
         if example is not None:
@@ -121,7 +133,6 @@ def detect_layout(keys: list[str]) -> str:
                 f"this file looks like {looks_like} (key '{printable(example)}')",
                 hint=_SUPPORTED_HINT
             )
-    counts = {layout: sum(parse_key(key, layout) is not None for key in keys) for layout in LAYOUTS}
     best = max(counts, key=lambda layout: counts[layout])
     if counts[best] == 0 or counts[best] < len(keys) / 2:
         sample = ", ".join(f"'{printable(key)}'" for key in keys[:3])
@@ -337,7 +348,10 @@ def _validate(
 def _render(canonical_key: str, layout: str) -> str:
     """A canonical key, or a block prefix such as `stage1.3.`, in the user's own layout."""
     if not canonical_key.endswith("."):
-        return convert_key(canonical_key, source="apple", target=layout)
+        try:
+            return convert_key(canonical_key, source="apple", target=layout)
+        except KeyError:  # a tensor the layout has no name for (a folded yangjie stem)
+            return canonical_key
     match = re.match(r"^stage(\d+)\.(?:(\d+)\.)?$", canonical_key)
     assert match is not None, canonical_key
     block = int(match[2]) if match[2] is not None else None

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from mobileone_cli.layouts import YANGJIE, convert_key
 from mobileone_cli.model import BATCHNORM_EPS
 from mobileone_cli.variants import ArchitectureSpec, BlockSpec
 
@@ -102,3 +103,32 @@ def fold_state(
         folded["linear.weight"] = state["linear.weight"].to(dtype)
         folded["linear.bias"] = state["linear.bias"].to(dtype)
     return {key: value.contiguous() for key, value in folded.items()}
+
+
+def state_in_layout(state: State, *, layout: str) -> State:
+    """A canonical MobileOne state dict under `layout`'s own key names.
+
+    shoutOutYangJie's deploy model keeps its stem a plain conv and a BatchNorm,
+    so a folded stem is written as that conv with an identity BatchNorm whose
+    shift is the folded bias: mean 0, variance 1 - eps (so var + eps is exactly
+    1.0 in fp32, measured), scale 1. Their fused model loads it strictly and
+    computes the same numbers.
+    """
+    stem = "stage0.reparam_conv."
+    renamed: State = {}
+    for key, value in state.items():
+        if layout == YANGJIE and key.startswith(stem):
+            if key.endswith("weight"):
+                renamed[convert_key("stage0.rbr_conv.0.conv.weight", source="apple",
+                                    target=layout)] = value
+            else:
+                bn = {"weight": torch.ones_like(value), "bias": value,
+                      "running_mean": torch.zeros_like(value),
+                      "running_var": torch.full_like(value, 1.0 - BATCHNORM_EPS),
+                      "num_batches_tracked": torch.tensor(0)}
+                for leaf, tensor in bn.items():
+                    renamed[convert_key(f"stage0.rbr_conv.0.bn.{leaf}", source="apple",
+                                        target=layout)] = tensor
+            continue
+        renamed[convert_key(key, source="apple", target=layout)] = value
+    return renamed

@@ -8,8 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mobileone_cli.layouts import convert_key
-
 if TYPE_CHECKING:
     import torch
 
@@ -30,8 +28,9 @@ def serialize(state: dict[str, torch.Tensor], *, layout: str, metadata: dict[str
     """
     from safetensors.torch import save
 
-    renamed = {convert_key(key, source="apple", target=layout): value for key, value in state.items()}
-    return canonical_header(save(renamed, metadata=metadata))
+    from mobileone_cli.fold import state_in_layout
+
+    return canonical_header(save(state_in_layout(state, layout=layout), metadata=metadata))
 
 
 def canonical_header(data: bytes) -> bytes:
