@@ -285,3 +285,118 @@ def convert_key(key: str, *, source: str, target: str) -> str:
     if address is None:
         raise KeyError(key)
     return render_key(address, _LAYOUTS[target])
+
+
+# RepViT: canonical names are timm's; THU-MIG's differ by module path only, one
+# `features.N` per row of their config. A row that opens a stage (stride 2) holds
+# timm's downsample convs; the row before it is timm's `downsample.pre_block`.
+REPVIT_LAYOUTS = ("timm", "thumig")
+_REPVIT_BLOCK_PARTS = (  # (timm, THU-MIG) inside a stride-1 block, longest first
+    ("token_mixer.conv1.", "token_mixer.0.conv1."),
+    ("token_mixer.conv.", "token_mixer.0.conv."),
+    ("token_mixer.bn.", "token_mixer.0.bn."),
+    ("token_mixer.", "token_mixer.0."),
+    ("se.", "token_mixer.1."),
+    ("channel_mixer.conv1.", "channel_mixer.m.0."),
+    ("channel_mixer.conv2.", "channel_mixer.m.2."),
+)
+_REPVIT_DOWNSAMPLE_PARTS = (
+    ("spatial_downsample.", "token_mixer.0."),
+    ("channel_downsample.", "token_mixer.2."),
+    ("ffn.conv1.", "channel_mixer.m.0."),
+    ("ffn.conv2.", "channel_mixer.m.2."),
+)
+_REPVIT_FIXED_PARTS = (
+    ("stem.conv1.", "features.0.0."),
+    ("stem.conv2.", "features.0.2."),
+    ("head.head_dist.", "classifier.classifier_dist."),
+    ("head.head.", "classifier.classifier."),
+    ("head.", "classifier."),
+)
+_TIMM_UNIT = re.compile(r"^stages\.(\d+)\.(downsample\.pre_block\.|downsample\.|blocks\.(\d+)\.)(.+)$")
+_THUMIG_ROW = re.compile(r"^features\.([1-9]\d*)\.(.+)$")
+_THUMIG_DOWNSAMPLE_ROW = "token_mixer.2."
+
+
+# What may follow a part's prefix: a fused conv or Linear, a conv-BN, a BN, a BN-Linear, SE.
+_REPVIT_LEAF = re.compile(r"^(?:(?:c\.|l\.|fc[12]\.)?(?:weight|bias)|(?:bn\.)?"
+                          r"(?:running_mean|running_var|num_batches_tracked)|bn\.(?:weight|bias))$")
+
+
+def _swap(rest: str, parts: tuple[tuple[str, str], ...], *, forward: bool) -> str | None:
+    for timm, thumig in parts:
+        source, target = (timm, thumig) if forward else (thumig, timm)
+        if rest.startswith(source):
+            leaf = rest[len(source):]
+            return target + leaf if _REPVIT_LEAF.match(leaf) else None
+    return None
+
+
+def _timm_rows(keys: list[str]) -> dict[tuple[int, str, int], int]:
+    """THU-MIG row number of each timm unit (stage, kind, block), in module order."""
+    found = set()
+    for key in keys:
+        match = _TIMM_UNIT.match(key)
+        if match:
+            kind = match[2].split(".")[1] if match[2].startswith("downsample") else "blocks"
+            block = int(match[3]) if match[3] is not None else 0
+            found.add((int(match[1]), {"pre_block": 0, "": 1, "blocks": 2}.get(kind, 1), block))
+    return {unit: row for row, unit in enumerate(sorted(found), start=1)}
+
+
+def _thumig_units(keys: list[str]) -> dict[int, str]:
+    """timm prefix of each THU-MIG row: stages start at their stride-2 rows."""
+    rows: dict[int, bool] = {}
+    for key in keys:
+        match = _THUMIG_ROW.match(key)
+        if match:
+            opens = match[2].startswith(_THUMIG_DOWNSAMPLE_ROW)
+            rows[int(match[1])] = rows.get(int(match[1]), False) or opens
+    prefixes: dict[int, str] = {}
+    stage, block = 0, 0
+    for row in sorted(rows):
+        if rows.get(row + 1):
+            prefixes[row] = f"stages.{stage + 1}.downsample.pre_block."
+        elif rows[row]:
+            stage, block = stage + 1, 0
+            prefixes[row] = f"stages.{stage}.downsample."
+        else:
+            prefixes[row] = f"stages.{stage}.blocks.{block}."
+            block += 1
+    return prefixes
+
+
+def rename_repvit(keys: list[str], *, source: str, target: str) -> dict[str, str | None]:
+    """Each RepViT key renamed from `source` to `target` layout (timm or thumig); None for
+    a key of no RepViT part. The names of a whole state dict are needed: THU-MIG numbers
+    its rows through the whole model, so one key alone does not say where it sits."""
+    if source == target:
+        return {key: key for key in keys}
+    if source == "timm":
+        rows = _timm_rows(keys)
+        renamed: dict[str, str | None] = {}
+        for key in keys:
+            match = _TIMM_UNIT.match(key)
+            if match is None:
+                renamed[key] = _swap(key, _REPVIT_FIXED_PARTS, forward=True)
+                continue
+            downsample = match[2] == "downsample."
+            kind = 1 if downsample else (0 if match[2].startswith("downsample") else 2)
+            row = rows[(int(match[1]), kind, int(match[3]) if match[3] is not None else 0)]
+            rest = _swap(match[4], _REPVIT_DOWNSAMPLE_PARTS if downsample else _REPVIT_BLOCK_PARTS,
+                         forward=True)
+            renamed[key] = f"features.{row}.{rest}" if rest is not None else None
+        return renamed
+    prefixes = _thumig_units(keys)
+    renamed = {}
+    for key in keys:
+        match = _THUMIG_ROW.match(key)
+        if match is None:
+            renamed[key] = _swap(key, _REPVIT_FIXED_PARTS, forward=False)
+            continue
+        prefix = prefixes[int(match[1])]
+        downsample = prefix.endswith(".downsample.")
+        rest = _swap(match[2], _REPVIT_DOWNSAMPLE_PARTS if downsample else _REPVIT_BLOCK_PARTS,
+                     forward=False)
+        renamed[key] = prefix + rest if rest is not None else None
+    return renamed

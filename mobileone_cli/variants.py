@@ -16,6 +16,7 @@ STEM_IN_CHANNELS = 3
 BASE_STAGE_WIDTHS = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = (2, 8, 10, 1)
 SE_REDUCTION = 16
+BATCHNORM_EPS = 1e-5  # every peer of every family uses torch's default; no checkpoint stores it
 
 
 @dataclass(frozen=True)
