@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from mobileone_cli import __version__
 from mobileone_cli.errors import EXIT_OK, EXIT_VERIFICATION_FAILED
 from mobileone_cli.export import Artifact
-from mobileone_cli.variants import ArchitectureSpec
+from mobileone_cli.repvit import ModelSpec, RepVitSpec
 from mobileone_cli.verify import DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, Verification
 
 if TYPE_CHECKING:
@@ -157,7 +157,9 @@ def summarize(loaded: LoadedCheckpoint) -> ModelSummary:
     )
 
 
-def stage_summaries(spec: ArchitectureSpec) -> tuple[StageSummary, ...]:
+def stage_summaries(spec: ModelSpec) -> tuple[StageSummary, ...]:
+    if isinstance(spec, RepVitSpec):
+        return repvit_stage_summaries(spec)
     rows = [StageSummary("stem", 1, spec.stem.out_channels, spec.stem.conv_branches,
                          spec.stem.stride, int(spec.stem.se_channels > 0))]
     for index, stage in enumerate(spec.stages, start=1):
@@ -172,12 +174,31 @@ def stage_summaries(spec: ArchitectureSpec) -> tuple[StageSummary, ...]:
     return tuple(rows)
 
 
+def repvit_stage_summaries(spec: RepVitSpec) -> tuple[StageSummary, ...]:
+    """A RepViT's rows: its token mixers have 3 branches (3x3, 1x1, identity) until folded."""
+    branches = 0 if spec.is_folded else 3
+    rows = [StageSummary("stem", 2, spec.stem_channels[1], 0, 4, 0)]
+    for index, stage in enumerate(spec.stages, start=1):
+        blocks = list(stage.blocks)
+        if stage.downsample is not None:
+            blocks.insert(0, stage.downsample.pre_block)
+        rows.append(StageSummary(
+            name=f"stage {index}",
+            blocks=len(blocks),
+            out_channels=stage.blocks[-1].channels if stage.blocks else blocks[-1].channels,
+            conv_branches=branches,
+            stride=2 if stage.downsample is not None else 1,
+            se_blocks=sum(block.se_channels > 0 for block in blocks),
+        ))
+    return tuple(rows)
+
+
 def count_params(state: dict[str, torch.Tensor]) -> int:
     """Learnable parameters: BatchNorm running statistics are buffers, not parameters."""
     return sum(value.numel() for key, value in state.items() if not key.endswith(_BUFFER_SUFFIXES))
 
 
-def count_fused_params(spec: ArchitectureSpec) -> int:
+def count_fused_params(spec: ModelSpec) -> int:
     from mobileone_cli.model import expected_shapes
 
     total = 0

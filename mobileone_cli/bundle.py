@@ -40,12 +40,12 @@ def build_manifest(result: ExportResult, *, folded: FoldedModel,
                    options: ExportOptions) -> dict[str, Any]:
     from mobileone_cli.exporting import fused_macs
     from mobileone_cli.files import size_of
-    from mobileone_cli.model import MobileOne
+    from mobileone_cli.model import build_shapes_only
     from mobileone_cli.report import measure_complexity
 
     loaded = folded.loaded
     size = options.input_size
-    train_macs = measure_complexity(MobileOne(loaded.spec), size=(size, size)).macs
+    train_macs = measure_complexity(build_shapes_only(loaded.spec), size=(size, size)).macs
     return {
         "schema": SCHEMA,
         "tool": {"name": "mobileone", "version": __version__,

@@ -89,6 +89,20 @@ class LoadedCheckpoint:
         return self.spec.num_classes is None
 
 
+def output_layouts(spec: ModelSpec) -> tuple[str, ...]:
+    """The layouts a folded model of `spec` can be written in (`--layout` choices).
+
+    MobileOne S0-S4 convert between Apple, timm and mmpretrain; a fused S0 (from
+    any of them or from shoutOutYangJie's) also to shoutOutYangJie's deploy names.
+    RepViT converts between timm and THU-MIG.
+    """
+    if isinstance(spec, RepVitSpec):
+        return REPVIT_LAYOUTS
+    s0 = identify_variant(spec.folded()) == "s0"
+    return MOBILEONE_LAYOUTS if s0 else tuple(name for name in MOBILEONE_LAYOUTS
+                                              if name != YANGJIE)
+
+
 def load_checkpoint(path: Path, *, ema: bool = False) -> LoadedCheckpoint:
     """Read, recognise and validate a checkpoint file."""
     from mobileone_cli.reader import read_checkpoint

@@ -242,11 +242,12 @@ def check_gates(gates: Gates, folded: FoldedModel,
 
 
 def fused_macs(folded: FoldedModel, *, size: int | None = None) -> int:
-    from mobileone_cli.model import MobileOne
+    from mobileone_cli.model import build_shapes_only
     from mobileone_cli.report import measure_complexity
 
     side = size or folded.reference.batches[0].array.shape[-1]
-    return measure_complexity(MobileOne(folded.loaded.spec.folded()), size=(side, side)).macs
+    return measure_complexity(build_shapes_only(folded.loaded.spec.folded()),
+                              size=(side, side)).macs
 
 
 def _write_and_verify(name: str, path: Path, folded: FoldedModel, options: ExportOptions,

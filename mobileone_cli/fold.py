@@ -214,7 +214,9 @@ def fold_repvit_state(spec: RepVitSpec, state: State, *, dtype: torch.dtype = to
 
 
 def state_in_layout(state: State, *, layout: str, family: str = "mobileone") -> State:
-    """A canonical MobileOne state dict under `layout`'s own key names.
+    """A canonical state dict of a model of `family` under `layout`'s own key names.
+
+    KeyError when `layout` cannot name it (a layout of another family, SE in yangjie).
 
     shoutOutYangJie's deploy model keeps its stem a plain conv and a BatchNorm,
     so a folded stem is written as that conv with an identity BatchNorm whose
@@ -224,7 +226,10 @@ def state_in_layout(state: State, *, layout: str, family: str = "mobileone") -> 
     """
     if family == "repvit":
         names = rename_repvit(list(state), source="timm", target=layout)
-        return {names[key] or key: value for key, value in state.items()}
+        missing = [key for key, name in names.items() if name is None]
+        if missing:
+            raise KeyError(missing[0])
+        return {str(names[key]): value for key, value in state.items()}
     stem = "stage0.reparam_conv."
     renamed: State = {}
     for key, value in state.items():

@@ -137,7 +137,7 @@ _LAYOUTS[YANGJIE] = YangjieLayout(
     stem_prefix="stage0.",
     stage_prefix="stage{stage}.{block}.",
     stage_offset=0,
-    parts=_YANGJIE_PARTS["dw"],  # unused: addresses are computed
+    parts=(),  # unused: addresses are computed (`_parse_yangjie`, `_render_yangjie`)
     head_prefix=_YANGJIE_HEAD,
 )
 
@@ -332,8 +332,11 @@ def _swap(rest: str, parts: tuple[tuple[str, str], ...], *, forward: bool) -> st
     return None
 
 
-def _timm_rows(keys: list[str]) -> dict[tuple[int, str, int], int]:
-    """THU-MIG row number of each timm unit (stage, kind, block), in module order."""
+def _timm_rows(keys: list[str]) -> dict[tuple[int, int, int], int]:
+    """THU-MIG row number of each timm unit (stage, kind, block), in module order.
+
+    kind: 0 the pre-block, 1 the downsample convs, 2 the stage's blocks.
+    """
     found = set()
     for key in keys:
         match = _TIMM_UNIT.match(key)
@@ -370,6 +373,9 @@ def rename_repvit(keys: list[str], *, source: str, target: str) -> dict[str, str
     """Each RepViT key renamed from `source` to `target` layout (timm or thumig); None for
     a key of no RepViT part. The names of a whole state dict are needed: THU-MIG numbers
     its rows through the whole model, so one key alone does not say where it sits."""
+    unknown = {source, target} - set(REPVIT_LAYOUTS)
+    if unknown:
+        raise KeyError(f"no RepViT layout {min(unknown)!r}")
     if source == target:
         return {key: key for key in keys}
     if source == "timm":

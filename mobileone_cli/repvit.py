@@ -161,16 +161,19 @@ def identify_repvit_variant(spec: RepVitSpec) -> str:
     """The variant's name when the spec is a peer's configuration, else "custom".
 
     Folded, a legacy m1 is a m0_9 and a m2 a m1_1 (only the token mixer's
-    train-time branches differ): a folded file is named by its new variant.
+    train-time branches differ): a folded file is named by the new variant
+    where there is one (m3 has none).
     """
+    folded_matches = []
     for name, variant in REPVIT_VARIANTS.items():
         reference = build_repvit_spec(variant, num_classes=spec.num_classes)
+        if reference.structure() != spec.structure():
+            continue
         if spec.is_folded:
-            if not variant.legacy and reference.structure() == spec.structure():
-                return name
-        elif reference.structure() == spec.structure() and reference.legacy == spec.legacy:
+            folded_matches.append((variant.legacy, name))
+        elif reference.legacy == spec.legacy:
             return name
-    return "custom"
+    return min(folded_matches)[1] if folded_matches else "custom"
 
 
 @dataclass(frozen=True)

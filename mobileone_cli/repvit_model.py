@@ -145,7 +145,7 @@ class NormLinear(nn.Sequential):
     def __init__(self, features: int, classes: int) -> None:
         super().__init__()
         self.bn = nn.BatchNorm1d(features, eps=BATCHNORM_EPS)
-        self.l = nn.Linear(features, classes)  # noqa: E741 - timm's key name
+        self.l = nn.Linear(features, classes)
 
 
 class Classifier(nn.Module):

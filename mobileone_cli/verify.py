@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from mobileone_cli.variants import ArchitectureSpec
+    from mobileone_cli.repvit import ModelSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -177,7 +177,7 @@ def _preprocess(image: Any, size: int) -> np.ndarray:
 
 
 def run_reference(
-    spec: ArchitectureSpec, state: dict[str, torch.Tensor], batches: Sequence[InputBatch]
+    spec: ModelSpec, state: dict[str, torch.Tensor], batches: Sequence[InputBatch]
 ) -> ReferenceRun:
     """Run the train-time model (eval mode: BatchNorm uses its running statistics)."""
     import torch

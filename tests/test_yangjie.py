@@ -20,7 +20,8 @@ from fixtures.generate import canonical_state, manifest, state_in_layout
 from mobileone_cli.api import FoldOptions, fold_checkpoint
 from mobileone_cli.checkpoint import load_checkpoint
 from mobileone_cli.errors import BadCheckpointError
-from mobileone_cli.fold import fold_state, state_in_layout as folded_in_layout
+from mobileone_cli.fold import fold_state
+from mobileone_cli.fold import state_in_layout as folded_in_layout
 from mobileone_cli.model import build_model
 from mobileone_cli.variants import VARIANTS, build_spec, identify_variant, yangjie_spec
 

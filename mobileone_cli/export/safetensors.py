@@ -18,8 +18,10 @@ if TYPE_CHECKING:
 HEADER_ALIGNMENT = 8
 
 
-def serialize(state: dict[str, torch.Tensor], *, layout: str, metadata: dict[str, str]) -> bytes:
-    """Bytes of a safetensors file of the canonical `state`, keys renamed to `layout`.
+def serialize(state: dict[str, torch.Tensor], *, layout: str, metadata: dict[str, str],
+              family: str = "mobileone") -> bytes:
+    """Bytes of a safetensors file of the canonical `state` of a model of `family`, keys
+    renamed to `layout`.
 
     The same input always gives the same bytes: safetensors writes its
     `__metadata__` map in a per-process random (hash) order, so the header is
@@ -30,7 +32,8 @@ def serialize(state: dict[str, torch.Tensor], *, layout: str, metadata: dict[str
 
     from mobileone_cli.fold import state_in_layout
 
-    return canonical_header(save(state_in_layout(state, layout=layout), metadata=metadata))
+    renamed = state_in_layout(state, layout=layout, family=family)
+    return canonical_header(save(renamed, metadata=metadata))
 
 
 def canonical_header(data: bytes) -> bytes:
@@ -61,7 +64,8 @@ def export(folded: FoldedModel, path: Path, *, layout: str, metadata: dict[str, 
     import torch
 
     state = {key: value.to(getattr(torch, dtype)) for key, value in folded.state.items()}
-    path.write_bytes(serialize(state, layout=layout, metadata={**metadata, "mobileone.dtype": dtype}))
+    path.write_bytes(serialize(state, layout=layout, family=folded.loaded.spec.family,
+                               metadata={**metadata, "mobileone.dtype": dtype}))
     return verify_file(path, folded, rtol=rtol)
 
 
