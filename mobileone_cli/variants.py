@@ -82,7 +82,8 @@ class ArchitectureSpec:
     def is_folded(self) -> bool:
         return all(block.is_folded for block in self.blocks)
 
-    def folded(self) -> ArchitectureSpec:
+    def folded(self, *, keep_distillation_head: bool = False) -> ArchitectureSpec:
+        """The spec after folding; `keep_distillation_head` is RepViT's and means nothing here."""
         return ArchitectureSpec(
             stem=self.stem.folded(),
             stages=tuple(tuple(block.folded() for block in stage) for stage in self.stages),
