@@ -177,7 +177,7 @@ def stage_summaries(spec: ModelSpec) -> tuple[StageSummary, ...]:
 def repvit_stage_summaries(spec: RepVitSpec) -> tuple[StageSummary, ...]:
     """A RepViT's rows: its token mixers have 3 branches (3x3, 1x1, identity) until folded."""
     branches = 0 if spec.is_folded else 3
-    rows = [StageSummary("stem", 2, spec.stem_channels[1], 0, 4, 0)]
+    rows = [StageSummary("stem", 2, spec.stem_channels[1], 0 if spec.is_folded else 1, 4, 0)]
     for index, stage in enumerate(spec.stages, start=1):
         blocks = list(stage.blocks)
         if stage.downsample is not None:
