@@ -332,18 +332,19 @@ def _swap(rest: str, parts: tuple[tuple[str, str], ...], *, forward: bool) -> st
     return None
 
 
-def _timm_rows(keys: list[str]) -> dict[tuple[int, int, int], int]:
-    """THU-MIG row number of each timm unit (stage, kind, block), in module order.
+def _timm_unit(match: re.Match[str]) -> tuple[int, int, int]:
+    """(stage, kind, block) of a timm key: kind 0 the pre-block, 1 the downsample convs,
+    2 the stage's blocks; sorted, these are THU-MIG's rows in order."""
+    if match[2] == "downsample.pre_block.":
+        return int(match[1]), 0, 0
+    if match[2] == "downsample.":
+        return int(match[1]), 1, 0
+    return int(match[1]), 2, int(match[3])
 
-    kind: 0 the pre-block, 1 the downsample convs, 2 the stage's blocks.
-    """
-    found = set()
-    for key in keys:
-        match = _TIMM_UNIT.match(key)
-        if match:
-            kind = match[2].split(".")[1] if match[2].startswith("downsample") else "blocks"
-            block = int(match[3]) if match[3] is not None else 0
-            found.add((int(match[1]), {"pre_block": 0, "": 1, "blocks": 2}.get(kind, 1), block))
+
+def _timm_rows(keys: list[str]) -> dict[tuple[int, int, int], int]:
+    """THU-MIG row number of each timm unit, in module order."""
+    found = {_timm_unit(match) for key in keys if (match := _TIMM_UNIT.match(key))}
     return {unit: row for row, unit in enumerate(sorted(found), start=1)}
 
 
@@ -387,8 +388,7 @@ def rename_repvit(keys: list[str], *, source: str, target: str) -> dict[str, str
                 renamed[key] = _swap(key, _REPVIT_FIXED_PARTS, forward=True)
                 continue
             downsample = match[2] == "downsample."
-            kind = 1 if downsample else (0 if match[2].startswith("downsample") else 2)
-            row = rows[(int(match[1]), kind, int(match[3]) if match[3] is not None else 0)]
+            row = rows[_timm_unit(match)]
             rest = _swap(match[4], _REPVIT_DOWNSAMPLE_PARTS if downsample else _REPVIT_BLOCK_PARTS,
                          forward=True)
             renamed[key] = f"features.{row}.{rest}" if rest is not None else None

@@ -22,7 +22,8 @@ from mobileone_cli.errors import BadCheckpointError, UsageError
 from mobileone_cli.export import safetensors as safetensors_export
 from mobileone_cli.fold import fold_state
 from mobileone_cli.fold import state_in_layout as folded_in_layout
-from mobileone_cli.model import build_model, build_shapes_only
+from mobileone_cli.layouts import rename_repvit
+from mobileone_cli.model import build_model, build_shapes_only, expected_shapes
 from mobileone_cli.report import measure_complexity
 from mobileone_cli.repvit import REPVIT_VARIANTS, RepVitSpec, build_repvit_spec
 from mobileone_cli.verify import compare, default_inputs, run_reference, torch_candidate
@@ -110,6 +111,19 @@ def test_variant_in_each_layout_folds_to_the_peers_fused_model(
         again = load_checkpoint(output)
         assert again.spec.is_folded and again.layout == layout
         assert again.variant == {"m1": "m0_9", "m2": "m1_1"}.get(variant, variant)
+
+
+@pytest.mark.parametrize(("variant", "layout"), CASES)
+@pytest.mark.parametrize("kind", ["train", "fused"])
+def test_our_keys_are_the_peers_in_order_both_ways(variant: str, layout: str, kind: str) -> None:
+    spec = build_repvit_spec(REPVIT_VARIANTS[variant])
+    shapes = {key: list(shape) for key, shape in
+              expected_shapes(spec if kind == "train" else spec.folded()).items()}
+    names = rename_repvit(list(shapes), source="timm", target=layout)
+    ours = {names[key]: shape for key, shape in shapes.items()}
+    assert list(ours.items()) == list(manifest(layout, variant, kind).items())
+    back = rename_repvit(list(ours), source=layout, target="timm")
+    assert [back[name] for name in ours] == list(shapes)
 
 
 @pytest.mark.parametrize("variant", sorted(FIGURES))
