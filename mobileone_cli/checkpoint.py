@@ -166,7 +166,9 @@ def detect_layout(keys: list[str]) -> str:
     # shoutOutYangJie's keys (`stage5.`, `dw_*`) are what two look-alike patterns catch.
     if counts[YANGJIE] and counts[YANGJIE] >= len(keys) / 2:
         return YANGJIE
-    for pattern, looks_like in _LOOK_ALIKES:
+    # Part of a shoutOutYangJie file is closest to theirs, not to a look-alike.
+    closest_to_yangjie = counts[YANGJIE] and counts[YANGJIE] == max(counts.values())
+    for pattern, looks_like in () if closest_to_yangjie else _LOOK_ALIKES:
         example = next((key for key in keys if pattern.search(key)), None)
         if example is not None:
             raise BadCheckpointError(

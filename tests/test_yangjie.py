@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from fixtures.generate import canonical_state, manifest, state_in_layout
 from mobileone_cli.api import FoldOptions, fold_checkpoint
-from mobileone_cli.checkpoint import load_checkpoint
+from mobileone_cli.checkpoint import load_checkpoint, output_layouts
 from mobileone_cli.errors import BadCheckpointError
 from mobileone_cli.fold import fold_state
 from mobileone_cli.fold import state_in_layout as folded_in_layout
@@ -134,3 +134,20 @@ def test_fold_writes_the_fused_model_of_each_layout(make_checkpoint: object, tmp
     assert written == manifest(layout or "yangjie", "s0", "fused")
     again = load_checkpoint(output)
     assert (again.layout, again.variant) == (layout or "yangjie", "s0")
+
+
+def test_only_a_fused_s0_can_take_their_names() -> None:
+    assert output_layouts(yangjie_spec()) == ("apple", "timm", "mmpretrain", "yangjie")
+    assert output_layouts(build_spec(VARIANTS["s0"])) == ("apple", "timm", "mmpretrain", "yangjie")
+    assert output_layouts(build_spec(VARIANTS["s1"])) == ("apple", "timm", "mmpretrain")
+
+
+def test_a_partial_yangjie_file_is_refused_naming_what_is_missing(tmp_path: Path) -> None:
+    state = state_in_layout(canonical_state("s0", num_classes=10, layout="yangjie"), "yangjie")
+    kept = {key: value for key, value in state.items() if key.startswith("stage5.")}
+    kept.update({f"other.{index}": torch.zeros(1) for index in range(len(kept) + 1)})
+    path = tmp_path / "partial.pth"
+    torch.save(kept, path)
+    with pytest.raises(BadCheckpointError, match=r"most resembles a MobileOne checkpoint in the "
+                                                 r"yangjie layout .*missing 'stage0\.\*'"):
+        load_checkpoint(path)
