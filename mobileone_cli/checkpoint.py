@@ -10,14 +10,32 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mobileone_cli.errors import BadCheckpointError, printable
-from mobileone_cli.layouts import LAYOUTS, KeyAddress, convert_key, get_layout, parse_key
+from mobileone_cli.layouts import (
+    MOBILEONE_LAYOUTS,
+    REPVIT_LAYOUTS,
+    YANGJIE,
+    KeyAddress,
+    convert_key,
+    get_layout,
+    parse_key,
+    rename_repvit,
+)
 from mobileone_cli.model import expected_shapes
 from mobileone_cli.reader import RawCheckpoint, read_checkpoint
+from mobileone_cli.repvit import (
+    ModelSpec,
+    RepVitBlockSpec,
+    RepVitDownsampleSpec,
+    RepVitSpec,
+    RepVitStageSpec,
+    identify_repvit_variant,
+)
 from mobileone_cli.variants import STEM_IN_CHANNELS, ArchitectureSpec, BlockSpec, identify_variant
 
 if TYPE_CHECKING:
@@ -42,18 +60,19 @@ _LOOK_ALIKES = (
 _WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _SUPPORTED_HINT = (
     "mobileone reads train-time or folded checkpoints of Apple's ml-mobileone, timm "
-    "(mobileone_s0..s4) and OpenMMLab mmpretrain"
+    "(mobileone_s0..s4 and repvit_*), OpenMMLab mmpretrain, shoutOutYangJie/MobileOne "
+    "and THU-MIG/RepViT"
 )
 
 
 @dataclass(frozen=True)
 class LoadedCheckpoint:
-    """A validated MobileOne state dict in canonical key names."""
+    """A validated state dict of a MobileOne or RepViT (`spec.family`) in canonical key names."""
 
     source: Path
     sha256: str
     layout: str
-    spec: ArchitectureSpec
+    spec: ModelSpec
     variant: str
     state: dict[str, torch.Tensor]
     source_dtype: str
@@ -70,6 +89,20 @@ class LoadedCheckpoint:
         return self.spec.num_classes is None
 
 
+def output_layouts(spec: ModelSpec) -> tuple[str, ...]:
+    """The layouts a folded model of `spec` can be written in (`--layout` choices).
+
+    MobileOne S0-S4 convert between Apple, timm and mmpretrain; a fused S0 (from
+    any of them or from shoutOutYangJie's) also to shoutOutYangJie's deploy names.
+    RepViT converts between timm and THU-MIG.
+    """
+    if isinstance(spec, RepVitSpec):
+        return REPVIT_LAYOUTS
+    s0 = identify_variant(spec.folded()) == "s0"
+    return MOBILEONE_LAYOUTS if s0 else tuple(name for name in MOBILEONE_LAYOUTS
+                                              if name != YANGJIE)
+
+
 def load_checkpoint(path: Path, *, ema: bool = False) -> LoadedCheckpoint:
     """Read, recognise and validate a checkpoint file."""
     raw = read_checkpoint(path, ema=ema)
@@ -77,17 +110,31 @@ def load_checkpoint(path: Path, *, ema: bool = False) -> LoadedCheckpoint:
 
 
 def recognise(raw: RawCheckpoint) -> LoadedCheckpoint:
+    """The family, layout and architecture of a raw state dict, validated."""
     state = _normalise_feature_keys(raw.state)
-    layout = detect_layout(list(state))
-    canonical, unexpected = _to_canonical(state, layout)
-    spec = infer_architecture(canonical, layout=layout)
-    _validate(canonical, spec, layout=layout, unexpected=unexpected)
+    repvit_layout = detect_repvit_layout(list(state))
+    spec: ModelSpec
+    if repvit_layout is not None:
+        layout = repvit_layout
+        canonical, unexpected, render = _repvit_to_canonical(state, layout)
+        spec = infer_repvit(canonical, render=render)
+        variant = identify_repvit_variant(spec)
+    else:
+        layout = detect_layout(list(state))
+        canonical, unexpected = _to_canonical(state, layout)
+        spec = infer_architecture(canonical, layout=layout)
+        variant = identify_variant(spec)
+
+        def render(key: str) -> str:
+            return _render(key, layout)
+
+    _validate(canonical, spec, render=render, unexpected=unexpected)
     return LoadedCheckpoint(
         source=raw.path,
         sha256=raw.sha256,
         layout=layout,
         spec=spec,
-        variant=identify_variant(spec),
+        variant=variant,
         state=canonical,
         source_dtype=_dominant_dtype(canonical),
         container=raw.container_key,
@@ -112,23 +159,67 @@ def _normalise_feature_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def detect_layout(keys: list[str]) -> str:
     """The layout most keys belong to; refuses look-alikes by name."""
-    for pattern, looks_like in _LOOK_ALIKES:
+    counts = {layout: sum(parse_key(key, layout) is not None for key in keys)
+              for layout in MOBILEONE_LAYOUTS}
+    # shoutOutYangJie's keys (`stage5.`, `dw_*`) are what two look-alike patterns catch.
+    if counts[YANGJIE] and counts[YANGJIE] >= len(keys) / 2:
+        return YANGJIE
+    # Part of a shoutOutYangJie file is closest to theirs, not to a look-alike.
+    closest_to_yangjie = counts[YANGJIE] and counts[YANGJIE] == max(counts.values())
+    for pattern, looks_like in () if closest_to_yangjie else _LOOK_ALIKES:
         example = next((key for key in keys if pattern.search(key)), None)
         if example is not None:
             raise BadCheckpointError(
                 f"this file looks like {looks_like} (key '{printable(example)}')",
                 hint=_SUPPORTED_HINT
             )
-    counts = {layout: sum(parse_key(key, layout) is not None for key in keys) for layout in LAYOUTS}
     best = max(counts, key=lambda layout: counts[layout])
     if counts[best] == 0 or counts[best] < len(keys) / 2:
         sample = ", ".join(f"'{printable(key)}'" for key in keys[:3])
         raise BadCheckpointError(
-            f"not a MobileOne checkpoint: no key of the Apple, timm or mmpretrain layout "
+            f"not a MobileOne checkpoint, nor a RepViT one: {_resemblance(keys)} "
             f"(first keys: {sample})",
             hint=_SUPPORTED_HINT,
         )
     return best
+
+
+def _repvit_counts(keys: list[str]) -> dict[str, int]:
+    other = {"timm": "thumig", "thumig": "timm"}
+    return {layout: sum(name is not None for name in
+                        rename_repvit(keys, source=layout, target=other[layout]).values())
+            for layout in REPVIT_LAYOUTS}
+
+
+def detect_repvit_layout(keys: list[str]) -> str | None:
+    """`timm` or `thumig` when most keys name RepViT parts in that layout, else None."""
+    counts = _repvit_counts(keys)
+    best = max(counts, key=lambda layout: counts[layout])
+    return best if counts[best] and counts[best] >= len(keys) / 2 else None
+
+
+# What a file of each family and layout cannot lack: stem and first stages (or blocks).
+_REQUIRED = {
+    ("RepViT", "timm"): ("stem.conv1.", "stem.conv2.", "stages.0.blocks.0.", "stages.1.downsample."),
+    ("RepViT", "thumig"): ("features.0.0.", "features.0.2.", "features.1."),
+}
+
+
+def _resemblance(keys: list[str]) -> str:
+    """Which family and layout the keys most resemble, and what of it is missing."""
+    scores = {("RepViT", layout): count for layout, count in _repvit_counts(keys).items()}
+    scores.update({("MobileOne", layout): sum(parse_key(key, layout) is not None for key in keys)
+                   for layout in MOBILEONE_LAYOUTS})
+    family, layout = max(scores, key=lambda name: scores[name])
+    if not scores[(family, layout)]:
+        return "no key of any supported family and layout"
+    required = _REQUIRED.get((family, layout)) or tuple(
+        get_layout(layout).block_prefix(stage, None if stage == 0 else 0) for stage in range(5))
+    missing = [f"'{prefix}*'" for prefix in required
+               if not any(key.startswith(prefix) for key in keys)]
+    lacking = f"missing {', '.join(missing)}" if missing else "most of its keys name no part of it"
+    return (f"it most resembles a {family} checkpoint in the {layout} layout "
+            f"({scores[(family, layout)]} of {len(keys)} keys), {lacking}")
 
 
 def _to_canonical(
@@ -276,11 +367,99 @@ def _infer_block(
     )
 
 
+def _repvit_to_canonical(
+    state: dict[str, torch.Tensor], layout: str
+) -> tuple[dict[str, torch.Tensor], list[str], Callable[[str], str]]:
+    """timm names for a RepViT state dict, the keys of no part, and a renderer back."""
+    other = "thumig" if layout == "timm" else "timm"
+    names = rename_repvit(list(state), source=layout, target="timm")
+    known = rename_repvit(list(state), source=layout, target=other)
+    canonical: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for key, value in state.items():
+        name = names[key]
+        if name is None or known[key] is None:
+            unexpected.append(printable(key))
+            continue
+        canonical[name] = value
+    back = {name: key for key, name in names.items() if name is not None}
+
+    def render(canonical_key: str) -> str:
+        if canonical_key in back:
+            return back[canonical_key]
+        # A key the file lacks: rename it next to the file's own keys, so rows count right.
+        renamed = rename_repvit([*canonical, canonical_key], source="timm", target=layout)
+        return renamed.get(canonical_key) or canonical_key
+
+    return canonical, unexpected, render
+
+
+def infer_repvit(state: dict[str, torch.Tensor], *, render: Callable[[str], str]) -> RepVitSpec:
+    """A RepViT's architecture from the shapes of its canonical (timm) state dict."""
+    folded = "stem.conv1.weight" in state
+
+    def width(prefix: str) -> int:
+        key = f"{prefix}weight" if folded else f"{prefix}c.weight"
+        tensor = state.get(key)
+        if tensor is None:
+            raise BadCheckpointError(f"missing keys: '{printable(render(key))}' (a conv kernel)",
+                                     hint="the file holds part of a model; save the whole "
+                                          "state_dict()")
+        if tensor.dim() != 4:
+            raise BadCheckpointError(
+                f"shape mismatch: '{printable(render(key))}' is {tuple(tensor.shape)}, "
+                "expected a 4-d conv kernel", hint="the tensors of this file do not fit together")
+        return int(tensor.shape[0])
+
+    def block(prefix: str) -> RepVitBlockSpec:
+        se = state.get(f"{prefix}se.fc1.weight")
+        mixer = f"{prefix}token_mixer." if folded else f"{prefix}token_mixer.conv."
+        return RepVitBlockSpec(channels=width(mixer),
+                               hidden_channels=width(f"{prefix}channel_mixer.conv1."),
+                               se_channels=int(se.shape[0]) if se is not None and se.dim() else 0)
+
+    stage_numbers = sorted({int(match[1]) for key in state
+                            if (match := re.match(r"^stages\.(\d+)\.", key))})
+    if not stage_numbers or stage_numbers != list(range(len(stage_numbers))):
+        raise BadCheckpointError(
+            f"missing keys: a RepViT has stages 0-3, this file has stages {stage_numbers}",
+            hint="the file holds part of a model; save the whole state_dict()")
+    stages = []
+    for stage in stage_numbers:
+        prefix = f"stages.{stage}."
+        downsample = None
+        if any(key.startswith(f"{prefix}downsample.") for key in state):
+            down = f"{prefix}downsample."
+            downsample = RepVitDownsampleSpec(
+                pre_block=block(f"{down}pre_block."),
+                out_channels=width(f"{down}channel_downsample."),
+                hidden_channels=width(f"{down}ffn.conv1."))
+        numbers = sorted({int(match[1]) for key in state
+                          if (match := re.match(rf"^{prefix}blocks\.(\d+)\.", key))})
+        stages.append(RepVitStageSpec(downsample, tuple(
+            block(f"{prefix}blocks.{number}.") for number in range(numbers[-1] + 1 if numbers
+                                                                    else 0))))
+    head = next((state[key] for key in ("head.head.l.weight", "head.head.weight", "head.weight")
+                 if key in state), None)
+    if head is not None and (head.dim() != 2 or head.shape[0] == 0):
+        raise BadCheckpointError(
+            f"shape mismatch: the classifier is {tuple(head.shape)}, expected one row per class",
+            hint="the tensors of this file do not fit together")
+    return RepVitSpec(
+        stem_channels=(width("stem.conv1."), width("stem.conv2.")),
+        stages=tuple(stages),
+        num_classes=int(head.shape[0]) if head is not None else None,
+        distillation=any(key.startswith("head.head_dist.") for key in state),
+        legacy=any(key.endswith("token_mixer.conv1.c.weight") for key in state),
+        is_folded=folded,
+    )
+
+
 def _validate(
     state: dict[str, torch.Tensor],
-    spec: ArchitectureSpec,
+    spec: ModelSpec,
     *,
-    layout: str,
+    render: Callable[[str], str],
     unexpected: list[str],
 ) -> None:
     import torch
@@ -289,8 +468,8 @@ def _validate(
     if not any(key.endswith("num_batches_tracked") for key in state):
         # Older checkpoints and some converters drop this counter; folding never reads it.
         expected = {k: v for k, v in expected.items() if not k.endswith("num_batches_tracked")}
-    missing = sorted(_render(key, layout) for key in expected.keys() - state.keys())
-    extra = sorted(unexpected + [_render(k, layout) for k in state.keys() - expected.keys()])
+    missing = sorted(printable(render(key)) for key in expected.keys() - state.keys())
+    extra = sorted(unexpected + [printable(render(k)) for k in state.keys() - expected.keys()])
     if missing or extra:
         found = [f"missing keys: {', '.join(missing)}" if missing else "",
                  f"unexpected keys: {', '.join(extra)}" if extra else ""]
@@ -300,7 +479,7 @@ def _validate(
             hint="was the file saved from a modified model, or cut short?",
         )
     mismatched = [
-        f"'{_render(key, layout)}' is {tuple(value.shape)}, expected {expected[key]}"
+        f"'{printable(render(key))}' is {tuple(value.shape)}, expected {expected[key]}"
         for key, value in state.items()
         if tuple(value.shape) != expected[key]
     ]
@@ -308,7 +487,7 @@ def _validate(
         raise BadCheckpointError(f"shape mismatch: {'; '.join(sorted(mismatched))}",
                                  hint="the tensors of this file do not fit together")
     for key, value in state.items():
-        name = _render(key, layout)
+        name = printable(render(key))
         if key.endswith("num_batches_tracked"):
             continue
         if value.is_meta or value.layout != torch.strided:
@@ -334,7 +513,10 @@ def _validate(
 def _render(canonical_key: str, layout: str) -> str:
     """A canonical key, or a block prefix such as `stage1.3.`, in the user's own layout."""
     if not canonical_key.endswith("."):
-        return convert_key(canonical_key, source="apple", target=layout)
+        try:
+            return convert_key(canonical_key, source="apple", target=layout)
+        except KeyError:  # a tensor the layout has no name for (a folded yangjie stem)
+            return canonical_key
     match = re.match(r"^stage(\d+)\.(?:(\d+)\.)?$", canonical_key)
     assert match is not None, canonical_key
     block = int(match[2]) if match[2] is not None else None

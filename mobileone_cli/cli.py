@@ -24,7 +24,7 @@ import click
 
 from mobileone_cli import __version__
 from mobileone_cli.errors import EXIT_INTERRUPTED, MobileOneError
-from mobileone_cli.layouts import LAYOUTS
+from mobileone_cli.layouts import ALL_LAYOUTS
 from mobileone_cli.options import (
     TARGETS,
     CoreMLOptions,
@@ -251,7 +251,7 @@ def inspect_command(ctx: click.Context, checkpoint: Path, ema: bool, json_mode: 
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the folded .safetensors file.")
 @fold_options
-@click.option("--layout", type=click.Choice(LAYOUTS),
+@click.option("--layout", type=click.Choice(ALL_LAYOUTS, case_sensitive=False),
               help="Key naming of the output (default: the checkpoint's own).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @json_option
@@ -280,7 +280,7 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
               help="File (one format) or folder (--to all); default derived from the variant.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @fold_options
-@click.option("--layout", type=click.Choice(LAYOUTS),
+@click.option("--layout", type=click.Choice(ALL_LAYOUTS, case_sensitive=False),
               help="Key naming of the safetensors file (default: the checkpoint's own).")
 @click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True,
               help="ONNX opset.")

@@ -543,6 +543,28 @@ def _sigmoid(op: _Op) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
+_GELU_MODES = ("EXACT", "TANH_APPROXIMATION", "SIGMOID_APPROXIMATION")
+
+
+def _gelu(op: _Op) -> np.ndarray:
+    """x * Phi(x): EXACT with erf (what torch's default `nn.GELU()` converts to), or the
+    tanh and sigmoid approximations coremltools also emits, computed in float64."""
+    import numpy as np
+    import torch
+
+    mode = str(op.arg("mode", "EXACT"))
+    if mode not in _GELU_MODES:
+        raise ExportFailedError(f"{op.where()} has gelu mode {mode!r}",
+                                hint=f"modes it implements: {', '.join(_GELU_MODES)}")
+    x = np.asarray(op.arg("x")).astype(np.float64)
+    if mode == "EXACT":
+        # numpy has no erf; torch's float64 erf is correctly rounded to double precision.
+        return 0.5 * x * (1.0 + torch.special.erf(torch.from_numpy(x / np.sqrt(2.0))).numpy())
+    if mode == "TANH_APPROXIMATION":
+        return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    return x * 0.5 * (1.0 + np.tanh(0.5 * 1.702 * x))
+
+
 def _softmax(op: _Op) -> np.ndarray:
     import numpy as np
 
@@ -763,6 +785,7 @@ _OPS: dict[str, Callable[[_Op], Any]] = {
     "concat": _concat,
     "conv": _conv,
     "expand_dims": _expand_dims,
+    "gelu": _gelu,
     "linear": _linear,
     "matmul": _matmul,
     "mul": _mul,

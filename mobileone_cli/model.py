@@ -13,9 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mobileone_cli.variants import ArchitectureSpec, BlockSpec
+from mobileone_cli.repvit import ModelSpec
+from mobileone_cli.repvit_model import RepVit
+from mobileone_cli.variants import BATCHNORM_EPS, ArchitectureSpec, BlockSpec
 
-BATCHNORM_EPS = 1e-5  # every peer uses torch's default; checkpoints do not store it
+__all__ = ["BATCHNORM_EPS", "MobileOne", "build_model", "build_shapes_only", "expected_shapes"]
 
 
 class SqueezeExcite(nn.Module):
@@ -126,25 +128,37 @@ class MobileOne(nn.Module):
         return self.linear(x.mean(dim=(2, 3)))
 
 
+def instantiate(spec: ModelSpec) -> nn.Module:
+    """The module of `spec`'s family (randomly initialised, train mode)."""
+    if isinstance(spec, ArchitectureSpec):
+        return MobileOne(spec)
+    return RepVit(spec)
+
+
 def build_model(
-    spec: ArchitectureSpec,
+    spec: ModelSpec,
     state: dict[str, torch.Tensor] | None = None,
     *,
     dtype: torch.dtype = torch.float32,
-) -> MobileOne:
+) -> nn.Module:
     """An eval-mode model of `spec`, loaded strictly from a canonical state dict when given."""
     if state is None:
-        model = MobileOne(spec)
+        model = instantiate(spec)
     else:
         # Build on the meta device: no point initialising weights we overwrite.
         with torch.device("meta"):
-            model = MobileOne(spec)
+            model = instantiate(spec)
         model.load_state_dict(state, strict=True, assign=True)
     return model.to(dtype).eval()
 
 
-def expected_shapes(spec: ArchitectureSpec) -> dict[str, tuple[int, ...]]:
-    """Every canonical key of `spec`'s state dict with its shape, in module order."""
+def build_shapes_only(spec: ModelSpec) -> nn.Module:
+    """A weightless (meta-device) eval model: counting needs shapes, not arithmetic or memory."""
     with torch.device("meta"):
-        model = MobileOne(spec)
+        return instantiate(spec).eval()
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every canonical key of `spec`'s state dict with its shape, in module order."""
+    model = build_shapes_only(spec)
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}

@@ -33,11 +33,11 @@ from mobileone_cli.checkpoint import LoadedCheckpoint, load_checkpoint, recognis
 from mobileone_cli.errors import EXIT_OK, BadCheckpointError, UsageError
 from mobileone_cli.files import sha256_path
 from mobileone_cli.fold import fold_state
-from mobileone_cli.model import MobileOne, build_model
+from mobileone_cli.model import build_model, build_shapes_only
 from mobileone_cli.options import DEFAULT_REPORT_SIZE, ReportOptions
 from mobileone_cli.reader import RawCheckpoint
+from mobileone_cli.repvit import ModelSpec
 from mobileone_cli.results import MAC_CONVENTION
-from mobileone_cli.variants import ArchitectureSpec
 
 if TYPE_CHECKING:
     import torch
@@ -137,7 +137,23 @@ def measure_complexity(model: torch.nn.Module, *, size: tuple[int, int] = DEFAUL
     return Complexity(params=count_parameters(model), macs=_macs(counter.get_total_flops()))
 
 
-def per_stage(model: MobileOne, *, size: tuple[int, int]) -> tuple[StageComplexity, ...]:
+def _parts(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The stem, each stage and the head (if any) of a MobileOne or a RepViT."""
+    children = dict(model.named_children())
+    if "stage0" in children:  # MobileOne: stage0 (the stem), stage1..stageN, linear
+        parts = [("stem", children["stage0"])]
+        parts += [(f"stage {index}", children[f"stage{index}"])
+                  for index in range(1, len(children)) if f"stage{index}" in children]
+        head = children.get("linear")
+    else:  # RepViT: stem, stages, head
+        parts = [("stem", children["stem"])]
+        parts += [(f"stage {index}", stage)
+                  for index, stage in enumerate(children["stages"].children(), start=1)]
+        head = children.get("head")
+    return parts + ([("head", head)] if head is not None else [])
+
+
+def per_stage(model: torch.nn.Module, *, size: tuple[int, int]) -> tuple[StageComplexity, ...]:
     """Parameters, MACs and output shape of the stem, stages 1-4 and the head (if any).
 
     Each part is measured in one forward pass of the whole model, by reading
@@ -147,11 +163,7 @@ def per_stage(model: MobileOne, *, size: tuple[int, int]) -> tuple[StageComplexi
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    parts = [("stem", model.stage0)]
-    parts += [(f"stage {index}", getattr(model, f"stage{index}"))
-              for index in range(1, len(model.spec.stages) + 1)]
-    if model.linear is not None:
-        parts.append(("head", model.linear))
+    parts = _parts(model)
     counter = FlopCounterMode(display=False)
     started: dict[str, int] = {}
     measured: dict[str, tuple[int, tuple[int, ...]]] = {}
@@ -523,20 +535,12 @@ def _report_onnx(path: Path, options: ReportOptions, *, threads: int) -> SourceR
     )
 
 
-def shapes_only(spec: ArchitectureSpec) -> MobileOne:
-    """A weightless (meta-device) model: counting needs shapes, not arithmetic or memory."""
-    import torch
-
-    with torch.device("meta"):
-        return MobileOne(spec).eval()
+def _complexity(spec: ModelSpec, options: ReportOptions) -> Complexity:
+    return measure_complexity(build_shapes_only(spec), size=options.size)
 
 
-def _complexity(spec: ArchitectureSpec, options: ReportOptions) -> Complexity:
-    return measure_complexity(shapes_only(spec), size=options.size)
-
-
-def _stages(spec: ArchitectureSpec, options: ReportOptions) -> tuple[StageComplexity, ...] | None:
-    return per_stage(shapes_only(spec), size=options.size) if options.per_stage else None
+def _stages(spec: ModelSpec, options: ReportOptions) -> tuple[StageComplexity, ...] | None:
+    return per_stage(build_shapes_only(spec), size=options.size) if options.per_stage else None
 
 
 def _read_onnx(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mobileone_cli.layouts import convert_key
-from mobileone_cli.model import MobileOne
+from mobileone_cli.model import instantiate
+from mobileone_cli.repvit import ModelSpec
 from mobileone_cli.variants import VARIANTS, ArchitectureSpec, build_spec
 
 if TYPE_CHECKING:
@@ -28,13 +29,14 @@ CALIBRATION_BATCH_SIZE = 8
 CALIBRATION_SIZE = 160
 
 
-def make_train_state(spec: ArchitectureSpec, *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A canonical train-time state dict for `spec`, deterministic for a given seed."""
+def make_train_state(spec: ModelSpec, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A canonical train-time state dict for `spec` (any family), deterministic for a seed."""
     import torch
     from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm
 
     generator = torch.Generator().manual_seed(seed)
-    model = MobileOne(spec)
+    model = instantiate(spec)
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.Conv2d):
@@ -42,7 +44,7 @@ def make_train_state(spec: ArchitectureSpec, *, seed: int = 0) -> dict[str, torc
                 module.weight.normal_(0.0, (2.0 / fan_out) ** 0.5, generator=generator)
                 if module.bias is not None:
                     module.bias.normal_(0.0, 0.1, generator=generator)
-            elif isinstance(module, nn.BatchNorm2d):
+            elif isinstance(module, _BatchNorm):  # BatchNorm1d too (RepViT's classifiers)
                 module.weight.uniform_(0.3, 1.2, generator=generator)
                 module.bias.normal_(0.0, 0.2, generator=generator)
                 module.momentum = None  # cumulative average over the calibration batches
@@ -55,7 +57,7 @@ def make_train_state(spec: ArchitectureSpec, *, seed: int = 0) -> dict[str, torc
                               generator=generator))
     model.eval()
     for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, _BatchNorm):
             module.momentum = 0.1
     return {key: value.detach().clone() for key, value in model.state_dict().items()}
 

@@ -8,6 +8,7 @@ kind of object (`ArchitectureSpec`), so named and custom models take one path.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 STAGE_COUNT = 4
 STEM_IN_CHANNELS = 3
@@ -15,6 +16,7 @@ STEM_IN_CHANNELS = 3
 BASE_STAGE_WIDTHS = (64, 128, 256, 512)
 BLOCKS_PER_STAGE = (2, 8, 10, 1)
 SE_REDUCTION = 16
+BATCHNORM_EPS = 1e-5  # every peer of every family uses torch's default; no checkpoint stores it
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class BlockSpec:
 class ArchitectureSpec:
     """A whole MobileOne: the stem, four stages of blocks, and an optional classifier."""
 
+    family: ClassVar[str] = "mobileone"
     stem: BlockSpec
     stages: tuple[tuple[BlockSpec, ...], ...]
     num_classes: int | None
@@ -79,7 +82,8 @@ class ArchitectureSpec:
     def is_folded(self) -> bool:
         return all(block.is_folded for block in self.blocks)
 
-    def folded(self) -> ArchitectureSpec:
+    def folded(self, *, keep_distillation_head: bool = False) -> ArchitectureSpec:
+        """The spec after folding; `keep_distillation_head` is RepViT's and means nothing here."""
         return ArchitectureSpec(
             stem=self.stem.folded(),
             stages=tuple(tuple(block.folded() for block in stage) for stage in self.stages),
@@ -174,15 +178,37 @@ def _block(
     )
 
 
+def yangjie_spec(*, num_classes: int | None = 1000) -> ArchitectureSpec:
+    """shoutOutYangJie's train-time S0: Apple's S0 but for two branches it leaves out.
+
+    Its stem is a plain conv-BN (no 1x1 scale branch), and the pointwise half of a
+    stage's first (stride-2) block pair has no identity BN even where its widths
+    match (only stage 1's, 48 -> 48), because their block builds identity BNs from
+    the pair's stride. Folded, it has exactly Apple's fused S0 shapes.
+    """
+    apple = build_spec(VARIANTS["s0"], num_classes=num_classes)
+    stages = tuple(
+        tuple(replace(block, has_identity=False) if index == 1 else block
+              for index, block in enumerate(stage))
+        for stage in apple.stages
+    )
+    return ArchitectureSpec(stem=replace(apple.stem, has_scale=False), stages=stages,
+                            num_classes=num_classes)
+
+
 def identify_variant(spec: ArchitectureSpec) -> str:
     """Name S0-S4 when the spec is the paper's configuration, else "custom".
 
-    A folded spec has lost its branch counts, so it is compared by structure
-    only; fused S1-S3 differ only in widths, which `structure()` keeps.
+    A (partly) folded spec has lost its branch counts, so it is compared by
+    structure only; fused S1-S3 differ only in widths, which `structure()` keeps.
+    shoutOutYangJie's train-time S0 (`yangjie_spec`) is S0 too.
     """
+    if spec == yangjie_spec(num_classes=spec.num_classes):
+        return "s0"
+    partly_folded = any(block.is_folded for block in spec.blocks)
     for name, config in VARIANTS.items():
         reference = build_spec(config, num_classes=spec.num_classes)
-        if spec.is_folded:
+        if spec.is_folded or partly_folded:
             if reference.structure() == spec.structure():
                 return name
         elif reference == spec:

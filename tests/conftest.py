@@ -44,8 +44,8 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFacto
              seed: int = 0, wrapper: str | None = None, suffix: str = ".pth") -> Path:
         key = (variant, layout, num_classes, seed, wrapper, suffix)
         if key not in made:
-            state = state_in_layout(canonical_state(variant, num_classes=num_classes, seed=seed),
-                                    layout)
+            state = state_in_layout(canonical_state(variant, num_classes=num_classes, seed=seed,
+                                                    layout=layout), layout)
             path = folder / f"{layout}_{variant}_{num_classes}_{seed}_{wrapper}{suffix}"
             if suffix == ".safetensors":
                 from safetensors.torch import save_file

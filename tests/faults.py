@@ -1,5 +1,8 @@
 """Injected fold bugs, each a realistic mistake a fold implementation makes.
 
+`FAULTS` break MobileOne's rules; `REPVIT_FAULTS` RepViT's (some shared helpers, such as
+the 1x1 padding, break both).
+
 Each fault is a context manager that patches one piece of `mobileone_cli.fold`;
 tests prove verification fails under every one of them.
 """
@@ -99,4 +102,97 @@ FAULTS = {
     "pad_scale_in_corner": pad_scale_in_corner,
     "identity_in_first_group_position": identity_in_first_group_position,
     "last_block_unfolded": last_block_unfolded,
+}
+
+
+@contextmanager
+def mixer_without_identity() -> Iterator[None]:
+    """The token mixer's identity branch is forgotten (a zero identity kernel)."""
+
+    def identity(channels: int, *, groups: int, kernel_size: int) -> torch.Tensor:
+        return torch.zeros(channels, channels // groups, kernel_size, kernel_size,
+                           dtype=fold.FOLD_DTYPE)
+
+    with _patched("identity_kernel", identity):
+        yield
+
+
+@contextmanager
+def trailing_batchnorm_leaves_bias_unscaled() -> Iterator[None]:
+    """The BN after the token mixer's sum scales the kernel but adds the bias as it was."""
+    original = fold.fuse_conv_batchnorm
+
+    def fuse_after(kernel: torch.Tensor, bias: torch.Tensor, state: fold.State, prefix: str
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        folded_kernel, shift = original(kernel, state, prefix)
+        return folded_kernel, bias.to(fold.FOLD_DTYPE) + shift
+
+    with _patched("fuse_batchnorm_after", fuse_after):
+        yield
+
+
+@contextmanager
+def trailing_batchnorm_skipped() -> Iterator[None]:
+    """The BN after the token mixer's sum is dropped, as a BN without `fuse()` would be."""
+
+    def fuse_after(kernel: torch.Tensor, bias: torch.Tensor, state: fold.State, prefix: str
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        return kernel, bias
+
+    with _patched("fuse_batchnorm_after", fuse_after):
+        yield
+
+
+@contextmanager
+def legacy_conv1_batchnorm_ignored() -> Iterator[None]:
+    """Legacy token mixer: the 1x1 conv's BN is forgotten (the kernel taken raw)."""
+    original = fold.fuse_conv_batchnorm
+
+    def fuse(kernel: torch.Tensor, state: fold.State, prefix: str, **kw: Any) -> Any:
+        if prefix.endswith("token_mixer.conv1.bn."):
+            return kernel.to(fold.FOLD_DTYPE), torch.zeros(kernel.shape[0], dtype=fold.FOLD_DTYPE)
+        return original(kernel, state, prefix, **kw)
+
+    with _patched("fuse_conv_batchnorm", fuse):
+        yield
+
+
+@contextmanager
+def norm_linear_shift_dropped() -> Iterator[None]:
+    """BatchNorm1d-Linear: the BN's scale is folded, its shift (through the weights) is not."""
+    original = fold.fold_norm_linear
+
+    def fold_norm_linear(state: fold.State, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        weight, _ = original(state, prefix)
+        return weight, state[f"{prefix}l.bias"].to(fold.FOLD_DTYPE)
+
+    with _patched("fold_norm_linear", fold_norm_linear):
+        yield
+
+
+@contextmanager
+def distillation_head_dropped() -> Iterator[None]:
+    """Only the first classifier is kept instead of the mean of the two."""
+
+    def average_heads(heads: list[tuple[torch.Tensor, torch.Tensor]]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        return heads[0]
+
+    with _patched("average_heads", average_heads):
+        yield
+
+
+REPVIT_FAULTS = {
+    "mixer_without_identity": mixer_without_identity,
+    "trailing_batchnorm_leaves_bias_unscaled": trailing_batchnorm_leaves_bias_unscaled,
+    "trailing_batchnorm_skipped": trailing_batchnorm_skipped,
+    "norm_linear_shift_dropped": norm_linear_shift_dropped,
+    "distillation_head_dropped": distillation_head_dropped,
+    "ignore_eps": ignore_eps,
+    "conv1_padded_in_corner": pad_scale_in_corner,
+}
+LEGACY_REPVIT_FAULTS = {
+    "legacy_conv1_batchnorm_ignored": legacy_conv1_batchnorm_ignored,
+    "mixer_without_identity": mixer_without_identity,
+    "conv1_padded_in_corner": pad_scale_in_corner,
 }

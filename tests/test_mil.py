@@ -428,3 +428,26 @@ def test_import_is_cheap() -> None:
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class ConvGelu(nn.Module):
+    """conv3x3 + exact (erf) GELU, RepViT's activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Scaled up so the inputs of GELU span its curved part, where the forms differ.
+        return self.act(3.0 * self.conv(x))
+
+
+def test_exact_gelu_matches_torch(packages: Packages) -> None:
+    package = packages.get(ConvGelu, "FLOAT32")
+    assert summarize_program(package).op_counts.get("gelu") == 1
+    x = sample_input(seed=1)
+    (expected,) = torch_outputs(build(ConvGelu), x, dtype=torch.float64)
+    actual = run_program(package, {"image": x})["logits"]
+    # The tanh approximation is off by up to ~5e-4 of this scale: fp32 agreement proves erf.
+    assert max_difference(actual, expected) <= 1e-6 * float(np.abs(expected).max())

@@ -40,6 +40,8 @@ class WriteContext:
     options: Any = None
     """The backend's own frozen options object (OnnxOptions, CoreMLOptions, ...)."""
     input_name: str = "image"
+    family: str = "mobileone"
+    """The model family ("mobileone", "repvit"): whose key names a layout means."""
 
 
 @dataclass(frozen=True)

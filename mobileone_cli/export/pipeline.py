@@ -28,7 +28,7 @@ from mobileone_cli.bundle import (
     read_manifest,
     write_bundle_files,
 )
-from mobileone_cli.checkpoint import LoadedCheckpoint, load_checkpoint
+from mobileone_cli.checkpoint import LoadedCheckpoint, load_checkpoint, output_layouts
 from mobileone_cli.errors import BadArtifactError, ExportFailedError, UsageError
 from mobileone_cli.export.backend import Backend, Candidate, WriteContext
 from mobileone_cli.export.registry import BACKENDS, backend_for_path, get_backend
@@ -40,7 +40,7 @@ from mobileone_cli.files import (
     staging_path,
 )
 from mobileone_cli.fold import fold_state
-from mobileone_cli.model import build_model
+from mobileone_cli.model import build_model, build_shapes_only
 from mobileone_cli.options import ExportOptions, Gates, VerifyOptions
 from mobileone_cli.proof.compare import compare, precision_cost, torch_runner, with_rounded_weights
 from mobileone_cli.proof.inputs import (
@@ -51,7 +51,8 @@ from mobileone_cli.proof.inputs import (
     image_inputs,
 )
 from mobileone_cli.proof.reference import ReferenceRun, run_module_reference, run_reference
-from mobileone_cli.report import count_parameters, measure_complexity, shapes_only
+from mobileone_cli.report import count_parameters, measure_complexity
+from mobileone_cli.repvit import ModelSpec, RepVitSpec
 from mobileone_cli.results import (
     Artifact,
     ArtifactCheck,
@@ -65,7 +66,6 @@ from mobileone_cli.results import (
     Verification,
     significant,
 )
-from mobileone_cli.variants import ArchitectureSpec
 
 if TYPE_CHECKING:
     import torch
@@ -126,13 +126,15 @@ def summarize(loaded: LoadedCheckpoint) -> ModelSummary:
         stripped_prefixes=loaded.stripped_prefixes,
         skipped_extras=loaded.skipped_extras,
         stages=stage_summaries(spec),
-        params=ParamCounts(train=count_parameters(shapes_only(spec)),
-                           fused=count_parameters(shapes_only(spec.folded()))),
+        params=ParamCounts(train=count_parameters(build_shapes_only(spec)),
+                           fused=count_parameters(build_shapes_only(spec.folded()))),
     )
 
 
-def stage_summaries(spec: ArchitectureSpec) -> tuple[StageSummary, ...]:
+def stage_summaries(spec: ModelSpec) -> tuple[StageSummary, ...]:
     """The stem and each stage of `spec` as a table row."""
+    if isinstance(spec, RepVitSpec):
+        return repvit_stage_summaries(spec)
     rows = [StageSummary("stem", 1, spec.stem.out_channels, spec.stem.conv_branches,
                          spec.stem.stride, int(spec.stem.se_channels > 0))]
     for index, stage in enumerate(spec.stages, start=1):
@@ -143,6 +145,25 @@ def stage_summaries(spec: ArchitectureSpec) -> tuple[StageSummary, ...]:
             conv_branches=max(block.conv_branches for block in stage),
             stride=stage[0].stride,
             se_blocks=sum(block.se_channels > 0 for block in stage),
+        ))
+    return tuple(rows)
+
+
+def repvit_stage_summaries(spec: RepVitSpec) -> tuple[StageSummary, ...]:
+    """A RepViT's rows: its token mixers have 3 branches (3x3, 1x1, identity) until folded."""
+    branches = 0 if spec.is_folded else 3
+    rows = [StageSummary("stem", 2, spec.stem_channels[1], 0 if spec.is_folded else 1, 4, 0)]
+    for index, stage in enumerate(spec.stages, start=1):
+        blocks = list(stage.blocks)
+        if stage.downsample is not None:
+            blocks.insert(0, stage.downsample.pre_block)
+        rows.append(StageSummary(
+            name=f"stage {index}",
+            blocks=len(blocks),
+            out_channels=stage.blocks[-1].channels if stage.blocks else blocks[-1].channels,
+            conv_branches=branches,
+            stride=2 if stage.downsample is not None else 1,
+            se_blocks=sum(block.se_channels > 0 for block in blocks),
         ))
     return tuple(rows)
 
@@ -216,6 +237,16 @@ def check_destination(destination: Path, *, force: bool, bundle: bool) -> None:
     check_output_path(destination, force=force)
 
 
+def check_layout(layout: str | None, loaded: LoadedCheckpoint) -> None:
+    """A `--layout` the folded model can be written in, or a UsageError naming those it can."""
+    if layout is None:
+        return
+    choices = output_layouts(loaded.spec)
+    if layout.lower() not in choices:
+        raise UsageError(f"a folded {loaded.spec.family} {loaded.variant} cannot be written in the "
+                         f"{layout} layout", hint=f"--layout takes {', '.join(choices)} here")
+
+
 def read_labels(path: Path, *, num_classes: int | None) -> tuple[str, ...]:
     """One label a line; the count must match the classifier."""
     try:
@@ -250,6 +281,7 @@ def export(options: ExportOptions, *, progress: Progress = _quiet) -> ExportResu
     check_destination(destination, force=options.force, bundle=options.is_bundle)
     labels = (read_labels(options.labels_file, num_classes=loaded.spec.num_classes)
               if options.labels_file else None)
+    check_layout(options.safetensors.layout, loaded)
     progress("folding and proving the fold")
     folded = fold_and_prove(loaded, rtol=options.rtol, inputs_dir=options.inputs_dir,
                             input_size=options.input_size)
@@ -272,6 +304,7 @@ def export(options: ExportOptions, *, progress: Progress = _quiet) -> ExportResu
                 input_size=options.input_size, output_name=_output_name(loaded),
                 metadata=metadata, mean=IMAGENET_MEAN, std=IMAGENET_STD, labels=labels,
                 options=_backend_options(options, backend.name, layout=layout),
+                family=loaded.spec.family,
             )
             progress(f"writing {backend.name}")
             backend.write(model, path, context=context)
@@ -365,11 +398,11 @@ def check_gates(gates: Gates, folded: FoldedModel,
     spec = folded.loaded.spec.folded()
     if gates.max_params is not None:
         checks.append(GateCheck("max_params", gates.max_params,
-                                count_parameters(shapes_only(spec)), "folded params"))
+                                count_parameters(build_shapes_only(spec)), "folded params"))
     if gates.max_macs is not None:
         side = folded.reference.batches[0].array.shape[-1]
         checks.append(GateCheck("max_macs", gates.max_macs,
-                                measure_complexity(shapes_only(spec), size=(side, side)).macs,
+                                measure_complexity(build_shapes_only(spec), size=(side, side)).macs,
                                 "folded MACs at the export size"))
     if gates.max_size_mb is not None:
         checks.extend(GateCheck("max_size_mb", gates.max_size_mb, artifact.bytes / 1e6,
@@ -386,10 +419,10 @@ def _model_facts(folded: FoldedModel, options: ExportOptions) -> dict[str, objec
         "variant": loaded.variant,
         "layout": options.safetensors.layout or loaded.layout,
         "num_classes": spec.num_classes,
-        "params": {"train": count_parameters(shapes_only(spec)),
-                   "fused": count_parameters(shapes_only(spec.folded()))},
-        "macs": {"train": measure_complexity(shapes_only(spec), size=size).macs,
-                 "fused": measure_complexity(shapes_only(spec.folded()), size=size).macs,
+        "params": {"train": count_parameters(build_shapes_only(spec)),
+                   "fused": count_parameters(build_shapes_only(spec.folded()))},
+        "macs": {"train": measure_complexity(build_shapes_only(spec), size=size).macs,
+                 "fused": measure_complexity(build_shapes_only(spec.folded()), size=size).macs,
                  "input_size": list(size)},
         "source": {"name": loaded.source.name, "bytes": size_of(loaded.source),
                    "sha256": loaded.sha256, "layout": loaded.layout,

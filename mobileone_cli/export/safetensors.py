@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from mobileone_cli.checkpoint import load_checkpoint
 from mobileone_cli.export.backend import Candidate, WriteContext
-from mobileone_cli.layouts import convert_key
+from mobileone_cli.fold import state_in_layout
 from mobileone_cli.model import build_model
 from mobileone_cli.options import SafetensorsOptions
 from mobileone_cli.proof.compare import torch_runner
@@ -31,8 +31,10 @@ def missing() -> str | None:
     return None
 
 
-def serialize(state: dict[str, torch.Tensor], *, layout: str, metadata: dict[str, str]) -> bytes:
-    """Bytes of a safetensors file of the canonical `state`, keys renamed to `layout`.
+def serialize(state: dict[str, torch.Tensor], *, layout: str, metadata: dict[str, str],
+              family: str = "mobileone") -> bytes:
+    """Bytes of a safetensors file of the canonical `state` of a model of `family`, keys
+    renamed to `layout`.
 
     The same input always gives the same bytes: safetensors writes its
     `__metadata__` map in a per-process random (hash) order, so the header is
@@ -41,7 +43,7 @@ def serialize(state: dict[str, torch.Tensor], *, layout: str, metadata: dict[str
     """
     from safetensors.torch import save
 
-    renamed = {convert_key(key, source="apple", target=layout): value for key, value in state.items()}
+    renamed = state_in_layout(state, layout=layout, family=family)
     return canonical_header(save(renamed, metadata=metadata))
 
 
@@ -68,7 +70,7 @@ def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
     # "format": "pt" tells torch loaders (transformers, timm) the tensors are torch's.
     metadata = {**context.metadata, "format": "pt", "mobileone.layout": layout,
                 "mobileone.dtype": options.dtype}
-    path.write_bytes(serialize(state, layout=layout, metadata=metadata))
+    path.write_bytes(serialize(state, layout=layout, metadata=metadata, family=context.family))
 
 
 def open(path: Path) -> Candidate:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from mobileone_cli.variants import ArchitectureSpec
+    from mobileone_cli.repvit import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def run_module_reference(module: torch.nn.Module, batches: Sequence[InputBatch],
 
 
 def run_reference(
-    spec: ArchitectureSpec,
+    spec: ModelSpec,
     state: dict[str, torch.Tensor],
     batches: Sequence[InputBatch],
     *,
