@@ -194,14 +194,17 @@ def fold_checkpoint(options: FoldOptions) -> FoldResult:
     from mobileone_cli.checkpoint import load_checkpoint
     from mobileone_cli.export import safetensors as safetensors_export
     from mobileone_cli.files import (
-        check_output_path,
+        check_destination,
         replace_path,
         sha256_path,
         size_of,
         staging_path,
     )
 
-    check_output_path(options.output, force=options.force)
+    # issue 9: every destination check before any work; a folded file is at most the source's size.
+    check_destination(options.output, kind="file", force=options.force,
+                      inputs=(options.checkpoint, options.inputs_dir),
+                      expected_bytes=size_of(options.checkpoint))
     loaded = load_checkpoint(options.checkpoint, ema=options.ema)
     folded = fold_and_verify(loaded, rtol=options.rtol, inputs_dir=options.inputs_dir,
                              input_size=options.input_size)

@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mobileone_cli import __version__
-from mobileone_cli.errors import EXIT_OK, EXIT_VERIFICATION_FAILED, BadCheckpointError
+from mobileone_cli.errors import EXIT_OK, EXIT_VERIFICATION_FAILED
+from mobileone_cli.manifest import MANIFEST, SCHEMA_V1, SUMMARY, check_bundle_files, read_manifest
 from mobileone_cli.verify import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
     from mobileone_cli.api import FoldedModel
     from mobileone_cli.exporting import ExportOptions, ExportResult
 
-MANIFEST = "manifest.json"
-SUMMARY = "summary.md"
-SCHEMA = "mobileone-manifest/1"
+SCHEMA = SCHEMA_V1
 RECORDED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "coremltools", "numpy")
 
 
@@ -195,41 +194,32 @@ class ManifestCheck:
 
 def verify_manifest(manifest_path: Path, *, against: Path | None = None,
                     rtol: float | None = None) -> ManifestCheck:
-    """Recompute every hash of a bundle; re-run each artifact's verification against `against`."""
+    """Recompute every hash of a bundle; re-run each artifact's verification against `against`.
+
+    Nothing the manifest names is opened before manifest.py has validated the manifest,
+    confined every path to the bundle, and checked the bundle holds only regular files it
+    lists (issue 9).
+    """
     from mobileone_cli.exporting import VerifyOptions, verify_artifact
     from mobileone_cli.files import sha256_path
     from mobileone_cli.reader import sha256_file
 
     manifest = read_manifest(manifest_path)
-    folder = manifest_path.parent
+    files = check_bundle_files(manifest_path.parent, manifest)
     hashes = []
     for artifact in manifest["artifacts"]:
-        path = folder / artifact["path"]
+        path = files[artifact["path"]]
         hashes.append(HashCheck(artifact["path"], artifact["sha256"],
-                                sha256_path(path) if path.exists() else None))
+                                sha256_path(path) if path is not None else None))
     verifications = []
     if against is not None:
         source = manifest["source"]
         hashes.append(HashCheck(f"{against} (source)", source["sha256"], sha256_file(against)))
         size = manifest["input"]["shape"][-1]
         for artifact in manifest["artifacts"]:
-            path = folder / artifact["path"]
-            if path.exists():
+            path = files[artifact["path"]]
+            if path is not None:
                 verifications.append(verify_artifact(VerifyOptions(
                     artifact=path, against=against, input_size=size, rtol=rtol)))
     return ManifestCheck(manifest=manifest_path, hashes=tuple(hashes),
                          verifications=tuple(verifications))
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadCheckpointError(f"cannot read manifest {path}: {error}",
-                                 hint="pass the manifest.json of a bundle written by "
-                                      "`mobileone export --to all`") from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise BadCheckpointError(f"{path} is not a mobileone manifest (schema {SCHEMA})",
-                                 hint="pass the manifest.json of a bundle written by "
-                                      "`mobileone export --to all`")
-    return manifest

@@ -146,13 +146,11 @@ def output_paths(options: ExportOptions, *, stem: str) -> tuple[Path, dict[str, 
     return folder, {name: folder / f"{stem}{SUFFIXES[name]}" for name in options.formats}
 
 
-def check_destination(destination: Path, *, force: bool, bundle: bool) -> None:
-    """Refuse, before any work, an output that exists or whose parent folder does not."""
-    from mobileone_cli.files import check_output_path
-
-    if bundle and destination.is_dir() and not any(destination.iterdir()):
-        return  # an empty folder made for the bundle is not an existing output
-    check_output_path(destination, force=force)
+def destination_kind(options: ExportOptions) -> str:
+    """What `-o` names: a bundle folder, a Core ML package folder, or a single file."""
+    if options.is_bundle:
+        return "bundle"
+    return "package" if options.formats == ("coreml",) else "file"
 
 
 def read_labels(path: Path, *, num_classes: int | None) -> tuple[str, ...]:
@@ -181,7 +179,7 @@ def export_model(options: ExportOptions, *, progress: Progress | None = None) ->
     """
     from mobileone_cli.api import fold_and_verify, summarize
     from mobileone_cli.checkpoint import load_checkpoint
-    from mobileone_cli.files import replace_path, staging_path
+    from mobileone_cli.files import check_destination, replace_path, size_of, staging_path
 
     report = progress or (lambda message: None)
     unknown = sorted(set(options.formats) - set(FORMATS))
@@ -191,7 +189,10 @@ def export_model(options: ExportOptions, *, progress: Progress | None = None) ->
     report("reading checkpoint")
     loaded = load_checkpoint(options.source, ema=options.ema)
     destination, paths = output_paths(options, stem=f"mobileone_{loaded.variant}")
-    check_destination(destination, force=options.force, bundle=options.is_bundle)
+    # issue 9: every destination check before the fold; each format at most the source's size.
+    check_destination(destination, kind=destination_kind(options), force=options.force,
+                      inputs=(options.source, options.inputs_dir, options.labels_file),
+                      expected_bytes=size_of(options.source) * len(options.formats))
     labels = (read_labels(options.labels_file, num_classes=loaded.spec.num_classes)
               if options.labels_file else None)
     report("folding and verifying")
