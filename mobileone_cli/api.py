@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from mobileone_cli import __version__
 from mobileone_cli.errors import EXIT_OK, EXIT_VERIFICATION_FAILED
 from mobileone_cli.export import Artifact
+from mobileone_cli.validation import check_folded_finite, check_reference_finite
 from mobileone_cli.variants import ArchitectureSpec
 from mobileone_cli.verify import DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, Verification
 
@@ -263,8 +264,10 @@ def fold_and_verify(
     )
 
     folded_state = fold_state(loaded.spec, loaded.state)
+    check_folded_finite(folded_state)  # issue 9: extreme inputs are bad input, not a fold bug
     batches = image_inputs(inputs_dir, size=input_size) if inputs_dir else default_inputs(input_size)
     reference = run_reference(loaded.spec, loaded.state, batches)
+    check_reference_finite(reference.outputs_fp32)
     folded_model = build_model(loaded.spec.folded(), folded_state)
     verification = compare(reference, torch_candidate(folded_model), rtol=rtol)
     return FoldedModel(loaded=loaded, state=folded_state, reference=reference,

@@ -23,6 +23,7 @@ from mobileone_cli.errors import (
 from mobileone_cli.export import Artifact
 from mobileone_cli.export.coreml import CoreMLOptions
 from mobileone_cli.export.onnx import OnnxOptions
+from mobileone_cli.validation import check_label_count, check_onnx_file, read_labels_file
 from mobileone_cli.verify import DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, Verification
 
 if TYPE_CHECKING:
@@ -154,19 +155,9 @@ def destination_kind(options: ExportOptions) -> str:
 
 
 def read_labels(path: Path, *, num_classes: int | None) -> tuple[str, ...]:
-    """One label a line; the count must match the classifier."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"cannot read labels file {path}: {error}",
-                         hint="--labels takes a UTF-8 text file, one label a line") from None
-    labels = tuple(line.strip() for line in lines if line.strip())
-    if num_classes is None:
-        raise UsageError("--labels needs a classifier, and this checkpoint is a headless backbone",
-                         hint="drop --labels")
-    if len(labels) != num_classes:
-        raise UsageError(f"labels file has {len(labels)} labels, the model has {num_classes} classes",
-                         hint=f"give {path.name} one line per class, in class-index order")
+    """One distinct UTF-8 label a line; the count must match the classifier (issue 9)."""
+    labels = read_labels_file(path)
+    check_label_count(labels, num_classes=num_classes, source=path.name)
     return labels
 
 
@@ -366,6 +357,8 @@ def verify_artifact(options: VerifyOptions, *, progress: Progress | None = None)
 
     report = progress or (lambda message: None)
     kind = artifact_format(options.artifact)
+    if kind == "onnx":  # issue 9: garbage, or external data outside its folder, in one line
+        check_onnx_file(options.artifact)
     size = options.input_size or static_size(options.artifact, kind) or DEFAULT_INPUT_SIZE
     report("reading the train-time checkpoint")
     loaded = load_checkpoint(options.against, ema=options.ema)

@@ -152,7 +152,7 @@ def image_inputs(folder: Path, *, size: int = DEFAULT_INPUT_SIZE) -> tuple[Input
         try:
             with Image.open(path) as image:
                 arrays.append(_preprocess(image.convert("RGB"), size))
-        except OSError as error:
+        except (OSError, Image.DecompressionBombError) as error:  # a bomb is no OSError
             raise BadCheckpointError(f"cannot read image {path.name}: {error}",
                                      hint="remove it from the --inputs folder") from None
     batch = np.stack(arrays).astype(np.float32)

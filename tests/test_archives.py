@@ -44,7 +44,7 @@ def refused(path: Path) -> str:
 def test_storage_sizes_are_read_from_the_pickle_without_unpickling(valid: Path) -> None:
     with zipfile.ZipFile(valid) as archive:
         data = archive.read("ckpt/data.pkl")
-    assert sorted(storage_sizes(data).values()) == [3 * 2, 4 * 2, 8, 6 * 4]
+    assert sorted(size or 0 for size in storage_sizes(data).values()) == [3 * 2, 4 * 2, 8, 6 * 4]
 
 
 def test_a_shared_storage_is_counted_once(tmp_path: Path) -> None:

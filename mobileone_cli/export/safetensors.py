@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mobileone_cli.layouts import convert_key
+from mobileone_cli.validation import check_fits_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -61,6 +62,10 @@ def export(folded: FoldedModel, path: Path, *, layout: str, metadata: dict[str, 
     """
     import torch
 
+    # issue 9: a value beyond the dtype's range is a failed verification, named, not a
+    # "diverged training run" when the written file is re-read.
+    check_fits_dtype(folded.state, dtype,
+                     name=lambda key: convert_key(key, source="apple", target=layout))
     state = {key: value.to(getattr(torch, dtype)) for key, value in folded.state.items()}
     path.write_bytes(serialize(state, layout=layout, metadata={**metadata, "mobileone.dtype": dtype}))
     return verify_file(path, folded, rtol=rtol)
