@@ -218,6 +218,10 @@ def replace_path(source: Path, destination: Path) -> None:
         raise OutputError(f"could not move the new output to {destination} "
                           f"({error.strerror}); the old one is at {aside}",
                           hint=f"rename {aside.name} back to {destination.name}") from None
+    except BaseException:  # interrupted between the two renames: put the old one back
+        if not (destination.exists() or destination.is_symlink()):
+            aside.rename(destination)
+        raise
     remove_path(aside)
 
 

@@ -166,7 +166,7 @@ def check_fits_dtype(state: Mapping[str, torch.Tensor], dtype: str, *,
         if math.isfinite(largest) and largest > limit:
             shown = name(key) if name else key
             raise VerificationFailedError(
-                f"'{printable(shown)}' holds {largest:.4g}, beyond {dtype}'s range of "
+                f"'{printable(shown)}' holds {largest:.6g}, beyond {dtype}'s range of "
                 f"±{limit:.6g}; a {dtype} file would hold infinities; nothing was written",
                 hint="keep --dtype float32" + (" (or bfloat16, whose range is float32's)"
                                                if dtype == "float16" else ""))

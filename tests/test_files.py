@@ -132,3 +132,22 @@ def test_a_hard_link_to_an_input_is_the_input(tmp_path: Path) -> None:
 def test_a_missing_parent_is_refused(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="does not exist"):
         check_destination(tmp_path / "no" / "f", kind="file", force=False)
+
+
+def test_an_interrupt_between_the_two_renames_puts_the_old_folder_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "exchange_paths", lambda first, second: False)
+    old = folder_with(tmp_path / "dist", old="x")
+    new = folder_with(tmp_path / "new", new="y")
+    real_rename = Path.rename
+
+    def rename(self: Path, target: Path) -> Path:
+        if self == new:
+            raise KeyboardInterrupt  # SIGTERM unwinds as KeyboardInterrupt (cli._interrupt)
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        replace_path(new, old)
+    assert [p.name for p in old.iterdir()] == ["old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dist", "new"]
