@@ -310,3 +310,20 @@ def test_verify_never_reads_external_data_outside_the_models_folder(work: Path) 
     message = refused(work, "verify", work / "model.onnx", "--against", work / "ckpt.pth")
     assert message == (f"{work / 'model.onnx'}: external data of 'w' is at "
                        "'../../../../etc/passwd', outside the model's folder; it is not read")
+
+
+def test_force_replaces_a_bundle_it_wrote_and_leaves_nothing_else(work: Path) -> None:
+    dist = work / "dist"
+    arguments = ["export", work / "ckpt.pth", "--to", "all", "-o", dist, *SIZE]
+    code, _, stderr = run(*arguments)
+    assert code == 0, stderr
+    first = snapshot(dist)
+    (dist / "summary.md").write_text("edited by hand")  # a file the tool wrote: replaced
+    code, _, stderr = run(*arguments, "--force")
+    assert code == 0, stderr
+    second = snapshot(dist)
+    assert second.pop("manifest.json") != first.pop("manifest.json")  # records --force
+    assert second == first
+    assert sorted(path.name for path in work.iterdir()) == ["ckpt.pth", "dist"]
+    code, _, stderr = run("verify", "--manifest", dist / "manifest.json")
+    assert code == 0, stderr
