@@ -19,16 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from mobileone_cli import __version__
-from mobileone_cli.errors import BadArtifactError
 from mobileone_cli.files import sha256_path
+from mobileone_cli.manifest import MANIFEST, SCHEMA_V2, SUMMARY
 from mobileone_cli.results import ExportResult, HashCheck, format_number, significant
 
-MANIFEST = "manifest.json"
-SUMMARY = "summary.md"
-SCHEMA = "mobileone-manifest/2"
+SCHEMA = SCHEMA_V2
 RECORDED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "coremltools", "numpy",
                      "executorch", "litert-torch", "ai-edge-litert")
-_NOT_A_BUNDLE_HINT = "pass the manifest.json of a bundle written by `mobileone export --to all`"
 
 
 def write_bundle_files(folder: Path, manifest: dict[str, Any]) -> None:
@@ -164,28 +161,15 @@ def _row(name: str, kind: str, precision: str | None, size: int | None, sha256: 
 # --- checking a bundle later ----------------------------------------------------------------
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest at `path`, or one BadArtifactError line saying why it is not one of ours."""
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadArtifactError(f"cannot read manifest {path}: {error}",
-                               hint=_NOT_A_BUNDLE_HINT) from None
-    if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
-        raise BadArtifactError(f"{path} is not a mobileone manifest (schema {SCHEMA})",
-                               hint=_NOT_A_BUNDLE_HINT)
-    return manifest
-
-
 def check_hashes(manifest: dict[str, Any],
-                 folder: Path) -> tuple[tuple[HashCheck, ...], tuple[str, ...]]:
-    """Every artifact's recorded sha256 against the file in `folder`; and what else is wrong."""
-    hashes = []
-    for artifact in manifest["artifacts"]:
-        path = folder / artifact["path"]
-        hashes.append(HashCheck(artifact["path"], artifact["sha256"],
-                                sha256_path(path) if path.exists() else None))
-    return tuple(hashes), ()
+                 files: dict[str, Path | None]) -> tuple[HashCheck, ...]:
+    """Every artifact's recorded sha256 against its file (`manifest.check_bundle_files`)."""
+    checks = []
+    for entry in manifest["artifacts"]:
+        path = files[entry["path"]]
+        checks.append(HashCheck(entry["path"], entry["sha256"],
+                                None if path is None else sha256_path(path)))
+    return tuple(checks)
 
 
 def check_source_hash(manifest: dict[str, Any], against: Path, *, sha256: str) -> HashCheck:

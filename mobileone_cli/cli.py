@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -38,6 +39,12 @@ from mobileone_cli.options import (
 )
 from mobileone_cli.proof.compare import AUTO_TOLERANCE, DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
 from mobileone_cli.proof.inputs import DEFAULT_INPUT_SIZE, IMAGE_SUFFIXES
+from mobileone_cli.validation import (
+    check_coreml_target,
+    check_input_size,
+    finite_number,
+    read_labels_file,
+)
 
 
 class _Deferred:
@@ -81,12 +88,81 @@ class SuffixedNumber(click.ParamType):
             number = float(text[:-1] if scale != 1.0 else text) * scale
         except ValueError:
             self.fail(f"{value!r} is not a number such as 5000000, 5e6 or 5M", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
         if number <= 0:
             self.fail(f"{value!r} must be positive", param, ctx)
         return number
 
 
 NUMBER = SuffixedNumber()
+
+
+# -- issue 9: parse-time checks; the logic is in validation.py -------------------------------
+class FinitePositive(click.FloatRange):
+    """A positive float; NaN and infinities are refused (NaN passes every range check)."""
+
+    def __init__(self) -> None:
+        super().__init__(min=0, min_open=True)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        return _checked(finite_number, number, param, ctx, option=_option(param))
+
+
+class InputSize(click.IntRange):
+    """An input side of at least 32 px whose reference run fits in the available memory."""
+
+    def __init__(self) -> None:
+        super().__init__(min=32)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        size = super().convert(value, param, ctx)
+        return _checked(check_input_size, size, param, ctx, option=_option(param))
+
+
+class CoreMLTarget(click.ParamType):
+    """A Core ML deployment target that can hold an ML Program (checked without coremltools)."""
+
+    name = "TARGET"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        return _checked(check_coreml_target, str(value), param, ctx)
+
+
+class LabelsFile(click.Path):
+    """An existing UTF-8 labels file with distinct labels; the count is checked after loading."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, dir_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Path:
+        path = Path(os.fsdecode(super().convert(value, param, ctx)))
+        _checked(read_labels_file, path, param, ctx)
+        return path
+
+
+def _option(param: click.Parameter | None) -> str:
+    return param.opts[-1] if param is not None and param.opts else "value"
+
+
+def _checked(check: Callable[..., Any], value: Any, param: click.Parameter | None,
+             ctx: click.Context | None, **options: Any) -> Any:
+    """Run a validation.py check; its UsageError becomes click's usage error (exit 2)."""
+    try:
+        check(value, **options)
+    except MobileOneError as error:
+        raise click.BadParameter(f"{error.message} ({error.hint})" if error.hint
+                                 else error.message, ctx=ctx, param=param) from None
+    return value
+
+
+POSITIVE = FinitePositive()
+INPUT_SIZE = InputSize()
 EXISTING_FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
@@ -165,13 +241,13 @@ def json_option(function: Any) -> Any:
 def fold_options(function: Any) -> Any:
     """The verification options every command that folds shares."""
     for option in reversed((
-        click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=None,
-                     help="Largest max|candidate - train| / max|train| that passes "
-                          f"[default: {AUTO_TOLERANCE}; fp16/bf16 weights: + 2 x storage floor]."),
+        click.option("--rtol", type=POSITIVE, default=None,
+                     help="Largest max|candidate - reference| / max|reference| that passes "
+                          f"[default: {AUTO_TOLERANCE}]."),
         click.option("--inputs", "inputs_dir", type=EXISTING_FOLDER,
                      help=f"Verify on your own images (a folder of {_IMAGE_KINDS}) instead of "
                           "seeded noise."),
-        click.option("--input-size", type=click.IntRange(min=32), default=DEFAULT_INPUT_SIZE,
+        click.option("--input-size", type=INPUT_SIZE, default=DEFAULT_INPUT_SIZE,
                      show_default=True, help="Side of the square inputs (and of static exports)."),
         click.option("--ema", is_flag=True, help="Use the EMA copy of the weights."),
         click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
@@ -253,7 +329,8 @@ def inspect_command(ctx: click.Context, checkpoint: Path, ema: bool, json_mode: 
 @fold_options
 @click.option("--layout", type=click.Choice(ALL_LAYOUTS, case_sensitive=False),
               help="Key naming of the output (default: the checkpoint's own).")
-@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file (never a folder, "
+              "never an input).")
 @json_option
 @click.pass_context
 def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float | None,
@@ -278,7 +355,11 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
                    "packages is missing.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="File (one format) or folder (--to all); default derived from the variant.")
-@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--force", is_flag=True,
+              help="Replace an existing output of the same kind: a file, a .mlpackage, or a "
+                   "bundle holding only what mobileone wrote there (its manifest's files, "
+                   "manifest.json, summary.md). A folder that is not a bundle, a bundle with "
+                   "other files in it, and any input are never replaced.")
 @fold_options
 @click.option("--layout", type=click.Choice(ALL_LAYOUTS, case_sensitive=False),
               help="Key naming of the safetensors file (default: the checkpoint's own).")
@@ -287,13 +368,14 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
 @click.option("--dynamic-batch", is_flag=True, help="ONNX: symbolic batch axis.")
 @click.option("--dynamic-size", is_flag=True, help="ONNX: symbolic height and width.")
 @click.option("--no-simplify", is_flag=True, help="ONNX: skip onnxsim.")
-@click.option("--target", "coreml_target", default="iOS16", show_default=True,
+@click.option("--target", "coreml_target", type=CoreMLTarget(), default="iOS16",
+              show_default=True,
               help="Core ML minimum deployment target (iOS15 or newer).")
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16",
               show_default=True, help="Core ML compute precision.")
 @click.option("--image-input", is_flag=True,
               help="Core ML: an image input (camera frames), normalisation folded into the model.")
-@click.option("--labels", "labels_file", type=EXISTING_FILE,
+@click.option("--labels", "labels_file", type=LabelsFile(),
               help="Core ML: make a classifier with these labels (one a line).")
 @click.option("--description", help="Core ML: short description.")
 @click.option("--model-version", help="Core ML: model version string.")
@@ -303,7 +385,7 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
               "parameters; takes 5e6 or 5M.")
 @click.option("--max-macs", type=NUMBER, help="Gate: fail above this many folded MACs at the "
               "export size; takes 3e8 or 300M.")
-@click.option("--max-size-mb", type=click.FloatRange(min=0, min_open=True),
+@click.option("--max-size-mb", type=POSITIVE,
               help="Gate: fail when any artifact is larger (MB of 10^6 bytes).")
 @cost_gate_options
 @json_option
@@ -350,11 +432,12 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
 @click.option("--against", type=EXISTING_FILE,
               help="The train-time checkpoint the artifact(s) must reproduce.")
 @click.option("--inputs", "inputs_dir", type=EXISTING_FOLDER,
-              help="Verify on your own images (a folder of jpg/png) instead of seeded noise.")
-@click.option("--input-size", type=click.IntRange(min=32),
+              help=f"Verify on your own images (a folder of {_IMAGE_KINDS}) instead of seeded "
+                   "noise.")
+@click.option("--input-size", type=INPUT_SIZE,
               help="Side of the square inputs [default: the artifact's static size, else 224].")
-@click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=f"Tolerance [default: {AUTO_TOLERANCE}; fp16/bf16 weights: + 2 x storage floor].")
+@click.option("--rtol", type=POSITIVE, default=None,
+              help=f"Tolerance of the conversion proof [default: {AUTO_TOLERANCE}].")
 @click.option("--ema", is_flag=True, help="Use the EMA copy of the checkpoint's weights.")
 @cost_gate_options
 @json_option

@@ -7,10 +7,13 @@ numpy values, mmengine logs) become inert stand-ins; any other global refuses th
 
 from __future__ import annotations
 
+import io
 import pickle
 import pickletools
 import re
 import warnings
+import zipfile
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mobileone_cli.errors import BadCheckpointError, UsageError, printable
-from mobileone_cli.files import sha256_path
+from mobileone_cli.files import CHUNK, sha256_path
 
 if TYPE_CHECKING:
     import torch
@@ -140,6 +143,8 @@ def _load_torch(path: Path, *, zipped: bool) -> tuple[Any, tuple[str, ...]]:
     """torch.load with weights_only, allowed extras registered as inert stand-ins."""
     import torch
 
+    if zipped:
+        check_archive(path)
     found = _zip_globals(path) if zipped else _legacy_globals(path)
     extras = sorted(name for name in found
                     if name in _EXTRA_NAMES or name.startswith(_EXTRA_PREFIXES))
@@ -299,3 +304,212 @@ def _strip_prefixes(state: StateDict) -> tuple[StateDict, tuple[str, ...]]:
         state = {key[len(prefix):]: value for key, value in state.items()}
         stripped.append(prefix)
     return state, tuple(stripped)
+
+
+# -- archive limits ---------------------------------------------------------------------------
+# A torch zip declares each record's uncompressed size in its central directory, and torch's
+# reader allocates that much before inflating. So every size is checked before anything is
+# inflated: the pickle against a fixed bound (a MobileOne S4 training checkpoint with optimizer
+# state pickles to under 100 KB), each tensor record against the bytes the pickle's storages
+# need, every other record against a small bound, and the tensors' total against a ceiling.
+PICKLE_CEILING = 64 << 20
+"""Largest data.pkl read: 64 MiB, about 600x the pickle of an S4 training checkpoint."""
+RECORD_CEILING = 1 << 20
+"""Largest record that is neither the pickle nor a tensor storage (version, byteorder...)."""
+TENSOR_CEILING = 8 << 30
+"""Largest total of tensor bytes: 8 GiB, 30x an S4 training checkpoint with Adam state."""
+# Bytes per element of each storage class torch.save names (UntypedStorage counts bytes).
+_STORAGE_ITEMSIZE = {
+    "DoubleStorage": 8, "FloatStorage": 4, "HalfStorage": 2, "BFloat16Storage": 2,
+    "LongStorage": 8, "IntStorage": 4, "ShortStorage": 2, "CharStorage": 1, "ByteStorage": 1,
+    "BoolStorage": 1, "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16,
+    "UntypedStorage": 1, "QInt8Storage": 1, "QUInt8Storage": 1, "QInt32Storage": 4,
+    "Float8_e4m3fnStorage": 1, "Float8_e5m2Storage": 1, "Float8_e4m3fnuzStorage": 1,
+    "Float8_e5m2fnuzStorage": 1,
+}
+
+
+@dataclass(frozen=True)
+class ArchiveScan:
+    """What the records of a torch zip declare, checked before anything is inflated."""
+
+    storage_bytes: dict[str, int | None]
+    """Bytes each storage key needs, from the pickle's persistent ids (None: unknown type)."""
+    tensor_bytes: int
+    """Total bytes of the tensor records."""
+
+
+def check_archive(path: Path, *, tensor_ceiling: int | None = None) -> ArchiveScan:
+    """Refuse a torch zip whose declared sizes exceed what its tensors need, or whose CRCs fail.
+
+    Order: central directory sizes (nothing inflated), then the pickle (bounded, CRC-checked)
+    and its storage sizes, then each tensor record's declared size against them, then a
+    streamed CRC-32 check of every record in 1 MiB chunks (torch checks none of a stored
+    record's CRC). Memory stays at the pickle's size plus one chunk.
+    """
+    ceiling = TENSOR_CEILING if tensor_ceiling is None else tensor_ceiling
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+            pickles = [info for info in records if info.filename.endswith("/data.pkl")
+                       or info.filename == "data.pkl"]
+            for info in records:
+                bound = PICKLE_CEILING if info in pickles else None
+                if bound is not None and info.file_size > bound:
+                    raise _corrupt(path, f"record {printable(info.filename)} declares "
+                                         f"{info.file_size:,} bytes, over the {bound:,}-byte "
+                                         "bound of a checkpoint's pickle")
+            if not pickles:  # not written by torch.save: torch's own reader names the problem
+                return ArchiveScan(storage_bytes={}, tensor_bytes=0)
+            pickle_record = pickles[0]
+            prefix = pickle_record.filename[: -len("data.pkl")]
+            storages = storage_sizes(archive.read(pickle_record))
+            total = _check_record_sizes(path, records, prefix=prefix, storages=storages,
+                                        pickle_record=pickle_record)
+            if total > ceiling:
+                raise _corrupt(path, f"its tensors declare {total:,} bytes, over the "
+                                     f"{ceiling:,}-byte ceiling of a MobileOne checkpoint")
+            for info in records:
+                _check_crc(archive, info)
+    except zipfile.BadZipFile as error:
+        raise _corrupt(path, _zip_reason(error)) from None
+    except (zlib.error, EOFError, NotImplementedError, ValueError) as error:
+        raise _corrupt(path, f"unreadable zip: {error}") from None
+    return ArchiveScan(storage_bytes=storages, tensor_bytes=total)
+
+
+def _check_record_sizes(path: Path, records: list[zipfile.ZipInfo], *, prefix: str,
+                        storages: dict[str, int | None], pickle_record: zipfile.ZipInfo) -> int:
+    """Each record's declared size against what it may hold; returns the tensor bytes."""
+    total = 0
+    for info in records:
+        if info is pickle_record:
+            continue
+        key = info.filename[len(prefix) + len("data/"):] \
+            if info.filename.startswith(f"{prefix}data/") else None
+        referenced = key is not None and key in storages
+        needed = storages.get(key) if key is not None else None
+        bound = needed if needed is not None else TENSOR_CEILING if referenced else RECORD_CEILING
+        if info.file_size > bound:
+            what = (f"its tensors need {needed:,}" if needed is not None
+                    else f"the bound of a record no tensor refers to is {RECORD_CEILING:,}")
+            raise _corrupt(path, f"record {printable(info.filename)} declares "
+                                 f"{info.file_size:,} bytes, {what}")
+        if referenced:
+            total += info.file_size
+    return total
+
+
+def _check_crc(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
+    """Read a record in chunks; zipfile raises BadZipFile when its CRC-32 does not match."""
+    with archive.open(info) as stream:
+        while stream.read(CHUNK):
+            pass
+
+
+def _zip_reason(error: zipfile.BadZipFile) -> str:
+    text = str(error)
+    match = re.match(r"Bad CRC-32 for file '(.*)'", text)
+    if match:
+        return f"record {printable(match.group(1))} fails its CRC-32 check: its bytes changed"
+    if text == "File is not a zip file":  # it starts like one (checked): its end is missing
+        return "zip archive is incomplete"
+    return f"unreadable zip: {printable(text)}"
+
+
+class _Marker:
+    """The pickle machine's MARK on the evaluation stack."""
+
+
+class _Unknown:
+    """A stack value the scan does not model (a built object)."""
+
+
+_MARK = _Marker()
+_UNKNOWN = _Unknown()
+_MEMO_PUT = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+_MEMO_GET = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_VALUE_OPS = frozenset({"BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "UNICODE", "STRING",
+                        "BINSTRING", "SHORT_BINSTRING", "INT", "BININT", "BININT1", "BININT2",
+                        "LONG", "LONG1", "LONG4"})
+
+
+def storage_sizes(data: bytes) -> dict[str, int | None]:
+    """Bytes needed by each storage a torch pickle names, found without unpickling.
+
+    torch.save writes a storage as the persistent id `('storage', torch.<Type>Storage, key,
+    location, numel)`. The opcodes are run on a symbolic stack (each opcode's stack effect is
+    the one pickletools documents), keeping strings, ints, globals and tuples and nothing else,
+    so nothing is constructed and nothing runs.
+    """
+    stack: list[Any] = []
+    memo: dict[int, Any] = {}
+    found: dict[str, int | None] = {}
+    try:
+        for opcode, argument, _ in pickletools.genops(io.BytesIO(data)):
+            name = opcode.name
+            if name in _VALUE_OPS:
+                stack.append(argument)
+            elif name == "GLOBAL":
+                stack.append(("global", str(argument).replace(" ", ".")))
+            elif name == "STACK_GLOBAL":
+                attribute, module = stack.pop(), stack.pop()
+                stack.append(("global", f"{module}.{attribute}"))
+            elif name in _MEMO_PUT:
+                memo[int(str(argument))] = stack[-1]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = stack[-1]
+            elif name in _MEMO_GET:
+                stack.append(memo.get(int(str(argument)), _UNKNOWN))
+            elif name == "MARK":
+                stack.append(_MARK)
+            elif name == "TUPLE":
+                stack.append(tuple(_pop_to_mark(stack)))
+            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+                count = int(name[-1])
+                items = tuple(stack[-count:])
+                del stack[-count:]
+                stack.append(items)
+            elif name == "BINPERSID":
+                _record_storage(stack.pop(), found)
+                stack.append(_UNKNOWN)
+            else:
+                _generic_effect(opcode, stack)
+    except (ValueError, IndexError, KeyError, TypeError) as error:
+        raise ValueError(f"damaged pickle ({error})") from None
+    return found
+
+
+def _pop_to_mark(stack: list[Any]) -> list[Any]:
+    items: list[Any] = []
+    while (item := stack.pop()) is not _MARK:
+        items.append(item)
+    items.reverse()
+    return items
+
+
+def _generic_effect(opcode: pickletools.OpcodeInfo, stack: list[Any]) -> None:
+    """Pop and push as many values as `opcode` does, as pickletools documents it."""
+    before = opcode.stack_before
+    if pickletools.markobject in before:
+        _pop_to_mark(stack)
+        before = before[: before.index(pickletools.markobject)]
+    for _ in before:
+        stack.pop()
+    stack.extend(_MARK if item is pickletools.markobject else _UNKNOWN
+                 for item in opcode.stack_after)
+
+
+def _record_storage(persistent_id: Any, found: dict[str, int | None]) -> None:
+    if not (isinstance(persistent_id, tuple) and len(persistent_id) == 5
+            and persistent_id[0] == "storage"):
+        return
+    _, storage_type, key, _, numel = persistent_id
+    kind = storage_type[1].rsplit(".", 1)[-1] if isinstance(storage_type, tuple) else ""
+    itemsize = _STORAGE_ITEMSIZE.get(kind)
+    if not isinstance(key, str):
+        return
+    if itemsize is None or not isinstance(numel, int) or numel < 0:
+        found[key] = None  # a storage type this scan does not know: bounded by the ceiling
+    elif found.get(key, 0) is not None:
+        found[key] = max(found.get(key) or 0, numel * itemsize)

@@ -54,7 +54,7 @@ def test_inspect_and_verify(s0_checkpoint: Path, tmp_path: Path) -> None:
 def test_an_unreadable_artifact_is_bad_input(s0_checkpoint: Path, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"not a model")
-    with pytest.raises(BadArtifactError, match="is not a readable ONNX model"):
+    with pytest.raises(BadArtifactError, match="is not an ONNX model"):
         api.verify(VerifyOptions(artifact=garbage, against=s0_checkpoint))
     package = tmp_path / "empty.mlpackage"
     package.mkdir()

@@ -268,7 +268,7 @@ def test_a_labels_file_with_the_wrong_count_is_refused_before_any_work(
     out = tmp_path / "s0.mlpackage"
     code, stdout, stderr = run("export", s0_checkpoint, "--to", "coreml", "-o", out,
                                "--labels", labels)
-    assert code == 2 and stdout == ""
+    assert code == 1 and stdout == ""
     assert_one_line_error(stderr, "labels file has 2 labels, the model has 1000 classes")
     assert list(tmp_path.iterdir()) == [labels]
 

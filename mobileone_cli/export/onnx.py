@@ -32,6 +32,7 @@ from mobileone_cli.errors import BadArtifactError, ExportFailedError
 from mobileone_cli.export.backend import Candidate, WriteContext, check_fits, first_line, in_chunks
 from mobileone_cli.options import OnnxOptions
 from mobileone_cli.results import Declared
+from mobileone_cli.validation import check_onnx_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -169,6 +170,7 @@ def open(path: Path) -> Candidate:
     import onnx
     import onnxruntime
 
+    check_onnx_file(path)  # garbage, or external data outside its folder, in one line
     try:
         proto = onnx.load(str(path), load_external_data=False)
         session_options = onnxruntime.SessionOptions()

@@ -25,21 +25,15 @@ from mobileone_cli.bundle import (
     build_manifest,
     check_hashes,
     check_source_hash,
-    read_manifest,
     write_bundle_files,
 )
 from mobileone_cli.checkpoint import LoadedCheckpoint, load_checkpoint, output_layouts
 from mobileone_cli.errors import BadArtifactError, ExportFailedError, UsageError
 from mobileone_cli.export.backend import Backend, Candidate, WriteContext
 from mobileone_cli.export.registry import BACKENDS, backend_for_path, get_backend
-from mobileone_cli.files import (
-    check_output_path,
-    replace_path,
-    sha256_path,
-    size_of,
-    staging_path,
-)
+from mobileone_cli.files import check_destination, replace_path, sha256_path, size_of, staging_path
 from mobileone_cli.fold import fold_state
+from mobileone_cli.manifest import check_bundle_files, read_manifest
 from mobileone_cli.model import build_model, build_shapes_only
 from mobileone_cli.options import ExportOptions, Gates, VerifyOptions
 from mobileone_cli.proof.compare import compare, precision_cost, torch_runner, with_rounded_weights
@@ -65,6 +59,12 @@ from mobileone_cli.results import (
     StageSummary,
     Verification,
     significant,
+)
+from mobileone_cli.validation import (
+    check_folded_finite,
+    check_label_count,
+    check_reference_finite,
+    read_labels_file,
 )
 
 if TYPE_CHECKING:
@@ -102,9 +102,11 @@ def fold_and_prove(loaded: LoadedCheckpoint, *, rtol: float | None = None,
     and the proof says so (its reference is the source itself).
     """
     state = loaded.state if loaded.is_folded else fold_state(loaded.spec, loaded.state)
+    check_folded_finite(state)  # extreme weights are bad input, not a fold bug
     batches = image_inputs(inputs_dir, size=input_size) if inputs_dir else default_inputs(input_size)
     name = "the source itself (already folded)" if loaded.is_folded else "train-time fp32"
     reference = run_reference(loaded.spec, loaded.state, batches, name=name)
+    check_reference_finite(reference.outputs_fp32)
     folded_model = build_model(loaded.spec.folded(), state)
     verification = compare(reference, torch_runner(folded_model), rtol=rtol)
     return FoldedModel(loaded=loaded, state=state, reference=reference,
@@ -230,11 +232,14 @@ def output_paths(options: ExportOptions, backends: tuple[Backend, ...], *,
     return folder, {backend.name: folder / f"{stem}{backend.suffix}" for backend in backends}
 
 
-def check_destination(destination: Path, *, force: bool, bundle: bool) -> None:
-    """Refuse, before any work, an output that exists or whose parent folder does not."""
-    if bundle and destination.is_dir() and not any(destination.iterdir()):
-        return  # an empty folder made for the bundle is not an existing output
-    check_output_path(destination, force=force)
+def _check_destination(destination: Path, options: ExportOptions,
+                       backends: tuple[Backend, ...]) -> None:
+    """Every check of the destination (see `files.check_destination`), before any work."""
+    single = "package" if backends[0].suffix == ".mlpackage" else "file"
+    kind = "bundle" if options.is_bundle else single
+    check_destination(destination, kind=kind, force=options.force,
+                      inputs=(options.source, options.inputs_dir, options.labels_file),
+                      expected_bytes=size_of(options.source) * len(backends))
 
 
 def check_layout(layout: str | None, loaded: LoadedCheckpoint) -> None:
@@ -248,19 +253,9 @@ def check_layout(layout: str | None, loaded: LoadedCheckpoint) -> None:
 
 
 def read_labels(path: Path, *, num_classes: int | None) -> tuple[str, ...]:
-    """One label a line; the count must match the classifier."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise BadArtifactError(f"cannot read labels file {path}: {error}",
-                               hint="--labels takes a UTF-8 text file, one label a line") from None
-    labels = tuple(line.strip() for line in lines if line.strip())
-    if num_classes is None:
-        raise UsageError("--labels needs a classifier, and this checkpoint is a headless backbone",
-                         hint="drop --labels")
-    if len(labels) != num_classes:
-        raise UsageError(f"labels file has {len(labels)} labels, the model has {num_classes} classes",
-                         hint=f"give {path.name} one line per class, in class-index order")
+    """One distinct UTF-8 label a line; the count must match the classifier."""
+    labels = read_labels_file(path)
+    check_label_count(labels, num_classes=num_classes, source=path.name)
     return labels
 
 
@@ -275,10 +270,14 @@ def export(options: ExportOptions, *, progress: Progress = _quiet) -> ExportResu
     run leaves the destination as it was.
     """
     backends, skipped = resolve_targets(options)
+    if options.output is not None:  # known before loading: checked before any work
+        _check_destination(options.output, options, backends)
+        output_paths(options, backends, stem="")
     progress("reading checkpoint")
     loaded = load_checkpoint(options.source, ema=options.ema)
     destination, paths = output_paths(options, backends, stem=f"mobileone_{loaded.variant}")
-    check_destination(destination, force=options.force, bundle=options.is_bundle)
+    if options.output is None:
+        _check_destination(destination, options, backends)
     labels = (read_labels(options.labels_file, num_classes=loaded.spec.num_classes)
               if options.labels_file else None)
     check_layout(options.safetensors.layout, loaded)
@@ -502,9 +501,9 @@ def verify_bundle(manifest_path: Path, *, against: Path | None = None,
     The checkpoint is loaded, folded and run once for the whole bundle.
     """
     manifest = read_manifest(manifest_path)
-    folder = manifest_path.parent
+    files = check_bundle_files(manifest_path.parent, manifest)
     progress("hashing the bundle")
-    hashes, problems = check_hashes(manifest, folder)
+    hashes = check_hashes(manifest, files)
     checks: list[ArtifactCheck] = []
     if against is not None:
         loaded = load_checkpoint(against)
@@ -514,8 +513,8 @@ def verify_bundle(manifest_path: Path, *, against: Path | None = None,
         folded = fold_and_prove(loaded, input_size=size)
         model = folded.build()
         for entry in manifest["artifacts"]:
-            path = folder / entry["path"]
-            if not path.exists():
+            path = files[entry["path"]]
+            if path is None:
                 continue
             backend = get_backend(entry["format"])
             progress(f"proving {entry['path']}")
@@ -524,5 +523,5 @@ def verify_bundle(manifest_path: Path, *, against: Path | None = None,
             checks.append(ArtifactCheck(artifact=artifact, against=against,
                                         against_sha256=loaded.sha256, variant=loaded.variant))
     return ManifestCheck(manifest=manifest_path, hashes=tuple(hashes),
-                         verifications=tuple(checks), problems=tuple(problems))
+                         verifications=tuple(checks))
 

@@ -14,6 +14,7 @@ from mobileone_cli.model import build_model
 from mobileone_cli.options import SafetensorsOptions
 from mobileone_cli.proof.compare import torch_runner
 from mobileone_cli.results import Declared
+from mobileone_cli.validation import check_fits_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -65,8 +66,12 @@ def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
 
     options = context.options or SafetensorsOptions()
     layout = options.layout or context.metadata.get("mobileone.layout", "apple")
-    state = {key: value.detach().to(getattr(torch, options.dtype))
-             for key, value in model.state_dict().items()}
+    weights = {key: value.detach() for key, value in model.state_dict().items()}
+    # A value beyond the dtype's range is a failed verification naming the tensor as the
+    # file names it, not a "diverged training run" when the written file is re-read.
+    check_fits_dtype(state_in_layout(weights, layout=layout, family=context.family),
+                     options.dtype, name=str)
+    state = {key: value.to(getattr(torch, options.dtype)) for key, value in weights.items()}
     # "format": "pt" tells torch loaders (transformers, timm) the tensors are torch's.
     metadata = {**context.metadata, "format": "pt", "mobileone.layout": layout,
                 "mobileone.dtype": options.dtype}
