@@ -43,6 +43,7 @@ from mobileone_cli.export.runtimes import (
     last_meaningful_line,
     metadata_details,
     missing_modules,
+    pip_extra,
     quiet,
     read_embedded_metadata,
     version_of,
@@ -69,7 +70,7 @@ _NATIVE_LOG_PREFIX = re.compile(r"^\[[\w.]+:\d+\]\s*")
 
 def missing() -> str | None:
     """None when ExecuTorch's exporter and runtime are installed; else the pip command."""
-    return missing_modules(_MODULES, extra=extra)
+    return missing_modules(_MODULES, target=name, install=pip_extra(extra))
 
 
 def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:

@@ -53,6 +53,7 @@ from mobileone_cli.export.runtimes import (
     in_chunks,
     metadata_details,
     missing_modules,
+    pip_extra,
     quiet,
     read_embedded_metadata,
     version_of,
@@ -86,7 +87,7 @@ class LiteRTOptions:
 
 def missing() -> str | None:
     """None when litert-torch and ai-edge-litert are installed; else the pip command."""
-    return missing_modules(_MODULES, extra=extra)
+    return missing_modules(_MODULES, target=name, install=pip_extra(extra))
 
 
 def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
@@ -146,16 +147,22 @@ def _no_progress() -> Iterator[None]:
 
 
 def with_metadata(flatbuffer: bytes, entries: dict[str, bytes]) -> bytes:
-    """`flatbuffer` (a LiteRT model) with `entries` added to its metadata table (same names
-    replaced), re-packed with every buffer 16-byte aligned. Deterministic."""
+    """`flatbuffer` (a LiteRT model) with `entries` in its metadata table, re-packed.
+
+    An entry whose name is there already gets the new bytes in its place; a
+    new one is appended. Every buffer is packed 16-byte aligned. Deterministic.
+    """
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromPackedBuf(bytearray(flatbuffer), 0)
-    kept = [entry for entry in (model.metadata or []) if entry.name.decode() not in entries]
-    model.metadata = kept
+    model.metadata = model.metadata or []
+    existing = {entry.name.decode(): entry for entry in model.metadata}
     for entry_name, data in entries.items():
         buffer = schema.BufferT()
-        buffer.data = list(data)  # replaced by bytes in _pack_aligned; a list packs anywhere
+        buffer.data = data
+        if entry_name in existing:  # same name: new bytes in its buffer, its place kept
+            model.buffers[existing[entry_name].buffer] = buffer
+            continue
         model.buffers.append(buffer)
         metadata = schema.MetadataT()
         metadata.name = entry_name.encode()
@@ -185,7 +192,9 @@ class _AlignedBuffer:
     def of(cls, buffer: Any) -> _AlignedBuffer:
         import numpy as np
 
-        data = None if buffer.data is None else np.asarray(buffer.data, dtype=np.uint8).tobytes()
+        data = buffer.data
+        if data is not None and not isinstance(data, bytes):
+            data = np.asarray(data, dtype=np.uint8).tobytes()
         return cls(data, buffer.offset, buffer.size)
 
     def Pack(self, builder: Any) -> int:  # the flatbuffers object API calls it by this name

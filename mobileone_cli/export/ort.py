@@ -68,7 +68,7 @@ _CONFIG_HEADER = "# Generated from model/s:\n"
 
 def missing() -> str | None:
     """None when onnxruntime's converter is there (it comes with onnxruntime, a dependency)."""
-    return missing_modules(_MODULES, extra="ort")
+    return missing_modules(_MODULES, target=name, install="pip install onnxruntime")
 
 
 def config_path(path: Path) -> Path:

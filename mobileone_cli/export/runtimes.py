@@ -161,8 +161,8 @@ def failure_line(error: BaseException, captured: Captured) -> str:
             or type(error).__name__)
 
 
-def missing_modules(modules: Sequence[str], *, extra: str) -> str | None:
-    """None when every module can be found; else the one-line reason naming the pip command.
+def missing_modules(modules: Sequence[str], *, target: str, install: str) -> str | None:
+    """None when every module can be found; else the one-line reason naming `install`.
 
     `find_spec` looks without importing (executorch and litert-torch take
     5-10 s to import), so `--to all` can ask every backend cheaply.
@@ -173,9 +173,13 @@ def missing_modules(modules: Sequence[str], *, extra: str) -> str | None:
         except (ImportError, ValueError):  # a parent that fails to import; a None module
             found = False
         if not found:
-            return (f"the {extra} target needs the '{module.split('.')[0]}' package: "
-                    f'pip install "mobileone-cli[{extra}]"')
+            return f"the {target} target needs the '{module.split('.')[0]}' package: {install}"
     return None
+
+
+def pip_extra(extra: str) -> str:
+    """The command that installs one of our extras."""
+    return f'pip install "mobileone-cli[{extra}]"'
 
 
 def version_of(distribution: str) -> str:
