@@ -165,6 +165,6 @@ def test_a_converter_failure_quotes_its_last_meaningful_line(
 
 
 def test_a_missing_converter_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "onnxruntime.tools.convert_onnx_models_to_ort", None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
     reason = backend.missing()
     assert reason == "the ort target needs the 'onnxruntime' package: pip install onnxruntime"

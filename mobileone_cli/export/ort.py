@@ -62,7 +62,9 @@ extra = None
 CONFIG_SUFFIX = ".required_operators.config"
 FILE_IDENTIFIER = b"ORTM"
 OPTIMIZATION = "Fixed, level all"
-_MODULES = ("onnxruntime.tools.convert_onnx_models_to_ort", "flatbuffers")
+# Top-level names only: finding a submodule imports its parents, and onnxruntime's
+# import takes seconds. Its converter (onnxruntime.tools) ships in every onnxruntime wheel.
+_MODULES = ("onnxruntime", "flatbuffers")
 _CONFIG_HEADER = "# Generated from model/s:\n"
 
 
