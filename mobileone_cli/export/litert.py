@@ -292,7 +292,7 @@ def _declared(path: Path, interpreter: Any, entries: dict[str, bytes]) -> Declar
     precision = next((_PRECISIONS[kind] for kind in ("int8", "uint8", "float16")
                       if kind in dtypes), "fp32")
     # The interpreter's only listing of its ops is private; a LiteRT without it lists none.
-    listing = getattr(interpreter, "_get_ops_details", lambda: [])
+    listing = getattr(interpreter, "_get_ops_details", list)
     operators = Counter(op["op_name"] for op in listing())
     runtime_version = entries.get("min_runtime_version", b"").rstrip(b"\0").decode() or None
     return Declared(
