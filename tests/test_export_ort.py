@@ -87,6 +87,46 @@ def test_rewrite_is_byte_identical(written: dict[str, tuple[Folded, Path]], tmp_
     assert backend.companions(again)[0].read_bytes() == backend.companions(path)[0].read_bytes()
 
 
+def test_the_converters_varying_front_is_rebuilt_in_one_order(
+        written: dict[str, tuple[Folded, Path]], tmp_path: Path) -> None:
+    """onnxruntime lays out its type-string resolver in hash order (see `canonical_session`)."""
+    import contextlib
+    import io
+
+    import onnxruntime
+    from onnxruntime.tools.convert_onnx_models_to_ort import (
+        OptimizationStyle,
+        convert_onnx_models_to_ort,
+    )
+
+    from mobileone_cli.export.onnx import export
+
+    folded, path = written["s0"]
+    source = tmp_path / "s0.onnx"
+    export(folded.model, source, metadata={}, options=OnnxOptions(input_size=SIZE))
+    batch = folded.folded.reference.restricted_to(SIZE, SIZE).batches[0].array[:1]
+    canonical = set()
+    for _ in range(3):
+        with contextlib.redirect_stdout(io.StringIO()):
+            convert_onnx_models_to_ort(source, output_dir=tmp_path,
+                                       optimization_styles=[OptimizationStyle.Fixed])
+        raw = source.with_suffix(".ort").read_bytes()
+        rebuilt = backend.canonical_session(raw)
+        assert backend.canonical_session(rebuilt) == rebuilt
+        canonical.add(rebuilt)
+        outputs = []
+        for data in (raw, rebuilt):
+            candidate = tmp_path / "candidate.ort"
+            candidate.write_bytes(data)
+            options = onnxruntime.SessionOptions()
+            options.add_session_config_entry("session.load_model_format", "ORT")
+            session = onnxruntime.InferenceSession(str(candidate), sess_options=options,
+                                                   providers=["CPUExecutionProvider"])
+            outputs.append(session.run(None, {"image": batch})[0])
+        assert np.array_equal(outputs[0], outputs[1])
+    assert len(canonical) == 1
+
+
 def test_nothing_is_printed(written: dict[str, tuple[Folded, Path]], tmp_path: Path,
                             capfd: pytest.CaptureFixture[str]) -> None:
     folded, _path = written["s0"]

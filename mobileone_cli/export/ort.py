@@ -23,10 +23,15 @@ The artifact is two files:
 minimal build runs it (it cannot re-optimise), and reads the required
 operators back from the file itself.
 
-Reproducibility: the `.ort` bytes are the same for the same ONNX (checked in
-two processes with different PYTHONHASHSEED). The converter writes the
-absolute path of the model into the config's comment header; `write`
-replaces it with the file's name, so the config is reproducible too.
+Reproducibility: as onnxruntime writes it, the same ONNX gives `.ort` files
+that differ in their first few hundred bytes (S4: 5 layouts in 5
+conversions): the kernel type-string resolver is serialised from a hash map
+whose order changes from run to run. `canonical_session` rebuilds that part
+with its entries sorted and keeps the model's bytes as they are, so the file
+is byte-identical for the same model, options and onnxruntime version
+(checked in two processes with different PYTHONHASHSEED). The converter also
+writes the absolute path of the model into the config's comment header;
+`write` replaces it with the file's name, so the config is reproducible too.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ extra = None
 
 CONFIG_SUFFIX = ".required_operators.config"
 FILE_IDENTIFIER = b"ORTM"
+# The alignment the rebuilt file's total size keeps (flatbuffers align from the end).
+_ALIGNMENT = 16
 OPTIMIZATION = "Fixed, level all"
 # Top-level names only: finding a submodule imports its parents, and onnxruntime's
 # import takes seconds. Its converter (onnxruntime.tools) ships in every onnxruntime wheel.
@@ -103,9 +110,109 @@ def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
             convert_onnx_models_to_ort(source, output_dir=Path(folder),
                                        optimization_styles=[OptimizationStyle.Fixed])
         converted = source.with_suffix(suffix)
-        path.write_bytes(converted.read_bytes())
+        path.write_bytes(canonical_session(converted.read_bytes()))
         config = _canonical_config(config_path(converted).read_text(), model_name=path.name)
         config_path(path).write_text(config)
+
+
+def canonical_session(data: bytes) -> bytes:
+    """The `.ort` bytes with the session's front laid out in one fixed order.
+
+    onnxruntime writes the model first, then the kernel type-string resolver
+    (which kernel type names each op's inputs use) from a hash map whose
+    iteration order changes from run to run (absl's per-table seeds), then the
+    root table. So the same model gives the same resolver entries in a
+    different byte layout: the first few hundred bytes differ. Flatbuffers are
+    built back to front, so everything from the model table to the end of the
+    file is self-contained; it is kept byte for byte, at the same distance from
+    the end (so its alignment holds), and the resolver and root table are
+    rebuilt in front of it with the entries sorted. A file with root fields
+    this does not know is returned unchanged.
+    """
+    import flatbuffers
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import (
+        ArgTypeAndIndex,
+        InferenceSession,
+        KernelTypeStrArgsEntry,
+        KernelTypeStrResolver,
+        OpIdKernelTypeStrArgsEntry,
+    )
+
+    session = InferenceSession.InferenceSession.GetRootAs(data, 0)
+    known_slots = {4, 6, 10}  # ort_version, model, kernel_type_str_resolver
+    vtable = session._tab.Pos - flatbuffers.encode.Get(flatbuffers.packer.soffset, data,
+                                                       session._tab.Pos)
+    vtable_size = flatbuffers.encode.Get(flatbuffers.packer.voffset, data, vtable)
+    present = {slot for slot in range(4, vtable_size, 2) if session._tab.Offset(slot)}
+    model, resolver = session.Model(), session.KernelTypeStrResolver()
+    if present != known_slots or model is None or resolver is None:
+        return data
+    model_position = model._tab.Pos
+    model_vtable = model_position - flatbuffers.encode.Get(flatbuffers.packer.soffset, data,
+                                                           model_position)
+    kept = data[min(model_position, model_vtable):]
+
+    builder = flatbuffers.Builder(len(data) + 1024)
+    builder.Prep(1, len(kept))  # room only: the bytes keep their distance from the end
+    builder.head = builder.head - len(kept)
+    builder.Bytes[builder.head : builder.head + len(kept)] = kept
+    builder.minalign = max(builder.minalign, _ALIGNMENT)
+    model_offset = len(data) - model_position
+
+    def offsets_vector(offsets: list[int]) -> int:
+        builder.StartVector(4, len(offsets), 4)
+        for offset in reversed(offsets):
+            builder.PrependUOffsetTRelative(offset)
+        return int(builder.EndVector())
+
+    entries = []
+    for op_id, type_strings in _resolver_entries(resolver):
+        type_offsets = []
+        for type_string, arguments in type_strings:
+            argument_offsets = []
+            for argument_type, index in arguments:
+                ArgTypeAndIndex.Start(builder)
+                ArgTypeAndIndex.AddArgType(builder, argument_type)
+                ArgTypeAndIndex.AddIndex(builder, index)
+                argument_offsets.append(ArgTypeAndIndex.End(builder))
+            arguments_vector = offsets_vector(argument_offsets)
+            name = builder.CreateString(type_string)
+            KernelTypeStrArgsEntry.Start(builder)
+            KernelTypeStrArgsEntry.AddKernelTypeStr(builder, name)
+            KernelTypeStrArgsEntry.AddArgs(builder, arguments_vector)
+            type_offsets.append(KernelTypeStrArgsEntry.End(builder))
+        types_vector = offsets_vector(type_offsets)
+        op_name = builder.CreateString(op_id)
+        OpIdKernelTypeStrArgsEntry.Start(builder)
+        OpIdKernelTypeStrArgsEntry.AddOpId(builder, op_name)
+        OpIdKernelTypeStrArgsEntry.AddKernelTypeStrArgs(builder, types_vector)
+        entries.append(OpIdKernelTypeStrArgsEntry.End(builder))
+    entries_vector = offsets_vector(entries)
+    KernelTypeStrResolver.Start(builder)
+    KernelTypeStrResolver.AddOpKernelTypeStrArgs(builder, entries_vector)
+    resolver_offset = KernelTypeStrResolver.End(builder)
+    version = builder.CreateString(session.OrtVersion())
+    InferenceSession.Start(builder)
+    InferenceSession.AddOrtVersion(builder, version)
+    InferenceSession.AddModel(builder, model_offset)
+    InferenceSession.AddKernelTypeStrResolver(builder, resolver_offset)
+    builder.Finish(InferenceSession.End(builder), file_identifier=FILE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def _resolver_entries(resolver: Any) -> list[tuple[bytes, list[tuple[bytes, list[tuple[int, int]]]]]]:
+    """The resolver's content, ops and type strings sorted (arguments keep their order)."""
+    entries = []
+    for op_index in range(resolver.OpKernelTypeStrArgsLength()):
+        entry = resolver.OpKernelTypeStrArgs(op_index)
+        type_strings = []
+        for type_index in range(entry.KernelTypeStrArgsLength()):
+            type_entry = entry.KernelTypeStrArgs(type_index)
+            arguments = [(type_entry.Args(index).ArgType(), type_entry.Args(index).Index())
+                         for index in range(type_entry.ArgsLength())]
+            type_strings.append((type_entry.KernelTypeStr(), arguments))
+        entries.append((entry.OpId(), sorted(type_strings)))
+    return sorted(entries)
 
 
 def _canonical_config(text: str, *, model_name: str) -> str:
