@@ -118,10 +118,17 @@ def open(path: Path) -> OpenedArtifact:
     if METHOD not in program.method_names:
         raise BadCheckpointError(f"{path.name} has no '{METHOD}' method",
                                  hint="pass a .pte of a model, written by mobileone")
-    with quiet():
-        method = program.load_method(METHOD)
-        document = _embedded(program)
-    declared = _declared(path, method.metadata, document)
+    try:
+        with quiet():
+            method = program.load_method(METHOD)
+            document = _embedded(program)
+            details = _program_details(path)
+    except (RuntimeError, ValueError) as error:  # a program whose plan is damaged
+        raise BadCheckpointError(f"{path.name} is not a runnable ExecuTorch program: "
+                                 f"{last_meaningful_line(str(error))}",
+                                 hint="pass a .pte written by `mobileone export --to "
+                                      "executorch`") from None
+    declared = _declared(path, method.metadata, document, details)
     expected = declared.input_shape
 
     def run_one(array: np.ndarray) -> np.ndarray:
@@ -144,7 +151,8 @@ def _embedded(program: Any) -> dict[str, Any]:
     return read_embedded_metadata(values[0] if values and isinstance(values[0], str) else None)
 
 
-def _declared(path: Path, meta: Any, document: dict[str, Any]) -> Declared:
+def _declared(path: Path, meta: Any, document: dict[str, Any], details: dict[str, Any]
+              ) -> Declared:
     inputs = [meta.input_tensor_meta(index) for index in range(meta.num_inputs())]
     outputs = [meta.output_tensor_meta(index) for index in range(meta.num_outputs())]
     if len(inputs) != 1 or len(inputs[0].sizes()) != 4:
@@ -161,7 +169,7 @@ def _declared(path: Path, meta: Any, document: dict[str, Any]) -> Declared:
         layout="NCHW",
         dtype=dtype,
         precision={"float32": "fp32", "float16": "fp16"}.get(dtype, dtype),
-        details={**_program_details(path), **metadata_details(document)},
+        details={**details, **metadata_details(document)},
     )
 
 

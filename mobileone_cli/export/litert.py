@@ -28,8 +28,9 @@ converter's own are only 4-byte aligned).
 
 Reproducibility: litert-torch writes the same bytes for the same model
 (checked in two processes with different PYTHONHASHSEED), and the re-pack is
-deterministic. Conversion is slow (about 6-20 s for S0-S4 on 2 cores) and
-prints progress to stdout unless told not to (LITERT_TORCH_SHOW_PROGRESS).
+deterministic. Conversion is slow (S0 / S4 at 224 px: 16 / 26 s on 2 busy
+cores) and prints progress to stdout unless told not to
+(LITERT_TORCH_SHOW_PROGRESS, set to "n" while `write` runs).
 """
 
 from __future__ import annotations
