@@ -128,7 +128,11 @@ def _native_output_to(captured: Captured) -> Iterator[None]:
         with contextlib.suppress(Exception):
             stream.flush()
     with tempfile.TemporaryFile(mode="w+b") as sink:
-        saved = [os.dup(descriptor) for descriptor in (1, 2)]
+        try:
+            saved = [os.dup(descriptor) for descriptor in (1, 2)]
+        except OSError:  # a closed descriptor (a daemon): nothing to protect
+            yield
+            return
         try:
             for descriptor in (1, 2):
                 os.dup2(sink.fileno(), descriptor)
