@@ -74,6 +74,8 @@ def _artifact_record(artifact: dict[str, Any]) -> dict[str, Any]:
         "format_details": declared.get("details", {}),
         "verification": significant(artifact["verification"]),
         "cost": significant(artifact["cost"]),
+        "companions": [{"path": Path(companion["path"]).name, "sha256": companion["sha256"],
+                        "bytes": companion["bytes"]} for companion in artifact["companions"]],
     }
 
 
@@ -166,9 +168,10 @@ def check_hashes(manifest: dict[str, Any],
     """Every artifact's recorded sha256 against its file (`manifest.check_bundle_files`)."""
     checks = []
     for entry in manifest["artifacts"]:
-        path = files[entry["path"]]
-        checks.append(HashCheck(entry["path"], entry["sha256"],
-                                None if path is None else sha256_path(path)))
+        for record in (entry, *entry.get("companions", ())):
+            path = files[record["path"]]
+            checks.append(HashCheck(record["path"], record["sha256"],
+                                    None if path is None else sha256_path(path)))
     return tuple(checks)
 
 

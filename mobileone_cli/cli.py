@@ -32,6 +32,7 @@ from mobileone_cli.options import (
     ExportOptions,
     FoldOptions,
     Gates,
+    LiteRTOptions,
     OnnxOptions,
     ReportOptions,
     SafetensorsOptions,
@@ -373,6 +374,9 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
               help="Core ML minimum deployment target (iOS15 or newer).")
 @click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16",
               show_default=True, help="Core ML compute precision.")
+@click.option("--channels-last", is_flag=True,
+              help="LiteRT (tflite): an NHWC input (1 x H x W x 3), as Android camera pipelines "
+                   "hand images.")
 @click.option("--image-input", is_flag=True,
               help="Core ML: an image input (camera frames), normalisation folded into the model.")
 @click.option("--labels", "labels_file", type=LabelsFile(),
@@ -398,7 +402,7 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
                    model_version: str | None, author: str | None, license_text: str | None,
                    max_params: float | None, max_macs: float | None, max_size_mb: float | None,
                    min_cosine: float, min_agreement: float, required: str,
-                   json_mode: bool) -> None:
+                   channels_last: bool, json_mode: bool) -> None:
     """Export SOURCE to ONNX and/or Core ML, each verified against the train-time model.
 
     SOURCE is a train-time checkpoint (folded and verified on the way) or a
@@ -414,6 +418,7 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
         command=ctx.meta.get(ARGUMENTS_KEY, ()),
         required=tuple(name.strip().lower() for name in required.split(",") if name.strip()),
         safetensors=SafetensorsOptions(layout=layout, dtype=dtype),
+        tflite=LiteRTOptions(channels_last=channels_last),
         onnx=OnnxOptions(opset=opset, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size,
                          simplify=not no_simplify),
         coreml=CoreMLOptions(target=coreml_target, precision=precision, image_input=image_input,

@@ -123,7 +123,9 @@ MANIFEST_V2: dict[str, Any] = {
                          "runtime": Nullable(str), "precision": Nullable(str),
                          "inputs": ListOf(_DECLARED_TENSOR, 1), "outputs": ListOf(_DECLARED_TENSOR),
                          "format_details": ANY_OBJECT, "verification": Nullable(ANY_OBJECT),
-                         "cost": Nullable(ANY_OBJECT)}, min_items=1),
+                         "cost": Nullable(ANY_OBJECT),
+                         "companions": ListOf({"path": str, "sha256": SHA256, "bytes": int})},
+                        min_items=1),
     "skipped": ListOf({"target": str, "reason": str}),
 }
 SCHEMAS: dict[str, dict[str, Any]] = {SCHEMA_V1: MANIFEST_V1, SCHEMA_V2: MANIFEST_V2}
@@ -215,7 +217,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise ManifestError(f"{path} is not a mobileone manifest (schema "
                             f"{', '.join(SCHEMAS)})", hint=BUNDLE_HINT)
     validate(manifest, SCHEMAS[schema_name], where="")
-    paths = [artifact["path"] for artifact in manifest["artifacts"]]
+    paths = list(shipped_paths(manifest))
     for index, entry in enumerate(paths):
         check_relative(entry, where=f"artifacts[{index}].path")
     duplicates = sorted({entry for entry in paths if paths.count(entry) > 1})
@@ -247,8 +249,15 @@ def check_relative(entry: str, *, where: str) -> PurePosixPath:
 
 # -- the bundle on disk ------------------------------------------------------------------------
 def listed_paths(manifest: Mapping[str, Any]) -> tuple[str, ...]:
-    """Every path a bundle may hold: its artifacts, manifest.json and summary.md."""
-    return (*(artifact["path"] for artifact in manifest["artifacts"]), MANIFEST, SUMMARY)
+    """Every path a bundle may hold: its artifacts and their companions, manifest.json and
+    summary.md."""
+    return (*shipped_paths(manifest), MANIFEST, SUMMARY)
+
+
+def shipped_paths(manifest: Mapping[str, Any]) -> tuple[str, ...]:
+    """Every artifact's path and its companions' (v2), in manifest order."""
+    return tuple(record["path"] for artifact in manifest["artifacts"]
+                 for record in (artifact, *artifact.get("companions", ())))
 
 
 def check_bundle_files(folder: Path, manifest: Mapping[str, Any]) -> dict[str, Path | None]:
@@ -259,7 +268,7 @@ def check_bundle_files(folder: Path, manifest: Mapping[str, Any]) -> dict[str, P
     does not list. Nothing is opened; only `lstat` is called.
     """
     found: dict[str, Path | None] = {}
-    for entry in (artifact["path"] for artifact in manifest["artifacts"]):
+    for entry in shipped_paths(manifest):
         found[entry] = _regular(folder, entry)
     unlisted = unlisted_files(folder, listed_paths(manifest))
     if unlisted:

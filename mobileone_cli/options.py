@@ -12,7 +12,7 @@ from pathlib import Path
 from mobileone_cli.proof.compare import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
 from mobileone_cli.proof.inputs import DEFAULT_INPUT_SIZE
 
-TARGETS = ("safetensors", "onnx", "coreml")
+TARGETS = ("safetensors", "onnx", "coreml", "executorch", "tflite", "ort")
 """Every export target by its `--to` name, in the order `--to all` writes them; the
 registry `export.BACKENDS` holds one backend for each (tests/test_pipeline.py checks it)."""
 DEFAULT_REPORT_SIZE = (224, 224)
@@ -61,6 +61,14 @@ class CoreMLOptions:
 
 
 @dataclass(frozen=True)
+class LiteRTOptions:
+    """How to write the `.tflite` file."""
+
+    channels_last: bool = False
+    """Take a 1 x S x S x 3 (NHWC) input, as Android image pipelines give; else NCHW."""
+
+
+@dataclass(frozen=True)
 class Gates:
     """Release gates beyond numerical equivalence; None means no gate."""
 
@@ -98,6 +106,7 @@ class ExportOptions:
     safetensors: SafetensorsOptions = field(default_factory=SafetensorsOptions)
     onnx: OnnxOptions = field(default_factory=OnnxOptions)
     coreml: CoreMLOptions = field(default_factory=CoreMLOptions)
+    tflite: LiteRTOptions = field(default_factory=LiteRTOptions)
 
     @property
     def is_bundle(self) -> bool:

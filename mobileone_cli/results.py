@@ -148,6 +148,19 @@ class Declared:
 
 
 @dataclass(frozen=True)
+class Companion:
+    """A file that ships beside an artifact and is hashed with it."""
+
+    path: Path
+    sha256: str
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this record."""
+        return {"path": str(self.path), "sha256": self.sha256, "bytes": self.bytes}
+
+
+@dataclass(frozen=True)
 class Artifact:
     """One written file (or Core ML package folder), what it declares, and its proof."""
 
@@ -159,6 +172,8 @@ class Artifact:
     cost: PrecisionCost | None = None
     """Only for a reduced-precision artifact."""
     declared: Declared | None = None
+    companions: tuple[Companion, ...] = ()
+    """Files that ship beside it (ONNX Runtime Mobile's required-operators config)."""
 
     @property
     def passed(self) -> bool:
@@ -176,6 +191,7 @@ class Artifact:
             "verification": self.verification.to_dict() if self.verification else None,
             "cost": self.cost.to_dict() if self.cost else None,
             "declared": self.declared.to_dict() if self.declared else None,
+            "companions": [companion.to_dict() for companion in self.companions],
         }
 
 

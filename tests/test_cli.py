@@ -274,8 +274,8 @@ def test_a_labels_file_with_the_wrong_count_is_refused_before_any_work(
 
 
 def test_unknown_export_format_is_a_usage_error(s0_checkpoint: Path) -> None:
-    code, _, stderr = run("export", s0_checkpoint, "--to", "tflite")
-    assert code == 2 and "'tflite' is not one of" in stderr
+    code, _, stderr = run("export", s0_checkpoint, "--to", "tensorrt")
+    assert code == 2 and "'tensorrt' is not one of" in stderr
 
 
 def test_export_from_a_folded_safetensors_file(folded_s0: tuple[Path, dict],

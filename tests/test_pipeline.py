@@ -44,6 +44,9 @@ class ToyBackend:
         torch.save(copy, path)
         self.written.append(path)
 
+    def companions(self, path: Path) -> tuple[Path, ...]:
+        return ()
+
     def open(self, path: Path) -> Candidate:
         model = torch.load(path, weights_only=False)
         declared = Declared(runtime=f"torch {torch.__version__}", input_name="image",
@@ -75,6 +78,7 @@ def test_every_registered_target_is_a_backend_and_a_choice_of_the_cli() -> None:
     for name, backend in BACKENDS.items():
         assert backend.name == name and backend.suffix.startswith(".")
         assert callable(backend.missing) and callable(backend.write) and callable(backend.open)
+        assert callable(backend.companions)
 
 
 def test_a_toy_target_is_written_and_proven_like_the_real_ones(

@@ -63,6 +63,10 @@ class Candidate:
     run_full_precision: Runner | None = None
     as_torch: Callable[[torch.nn.Module], torch.nn.Module] | None = None
 
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """`run`: the artifact as its runtime computes it."""
+        return self.run(batch)
+
 
 class Backend(Protocol):
     """One export target: a module of `mobileone_cli.export` that writes a format and opens it."""
@@ -80,6 +84,10 @@ class Backend(Protocol):
 
     def write(self, model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
         """Write the folded model at `path` (a staging path; the pipeline moves it)."""
+        ...
+
+    def companions(self, path: Path) -> tuple[Path, ...]:
+        """Files `write` puts beside `path` that ship with it (moved, hashed, listed)."""
         ...
 
     def open(self, path: Path) -> Candidate:

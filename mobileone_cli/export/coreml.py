@@ -84,6 +84,11 @@ def missing() -> str | None:
     return None
 
 
+def companions(path: Path) -> tuple[Path, ...]:
+    """Nothing ships beside this target's file."""
+    return ()
+
+
 def write(
     model: torch.nn.Module,
     path: Path,

@@ -61,6 +61,11 @@ def missing() -> str | None:
     return None
 
 
+def companions(path: Path) -> tuple[Path, ...]:
+    """Nothing ships beside this target's file."""
+    return ()
+
+
 def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
     """The folded model as one self-contained ONNX file at `path` (see `export`)."""
     export(model, path, metadata=dict(context.metadata), options=context.options or OnnxOptions(),

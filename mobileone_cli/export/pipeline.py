@@ -50,6 +50,7 @@ from mobileone_cli.repvit import ModelSpec, RepVitSpec
 from mobileone_cli.results import (
     Artifact,
     ArtifactCheck,
+    Companion,
     ExportResult,
     GateCheck,
     ManifestCheck,
@@ -270,6 +271,7 @@ def export(options: ExportOptions, *, progress: Progress = _quiet) -> ExportResu
     run leaves the destination as it was.
     """
     backends, skipped = resolve_targets(options)
+    check_options_fit_targets(options)
     if options.output is not None:  # known before loading: checked before any work
         _check_destination(options.output, options, backends)
         output_paths(options, backends, stem="")
@@ -322,6 +324,9 @@ def export(options: ExportOptions, *, progress: Progress = _quiet) -> ExportResu
             write_bundle_files(staged, build_manifest(
                 result, model=_model_facts(folded, options), input=_input_facts(options),
                 command=options.command, ema=options.ema, labels=labels))
+        else:  # a single file's companions move first: the file itself is the commit
+            for companion in backends[0].companions(staged):
+                replace_path(companion, destination.with_name(companion.name))
         replace_path(staged, destination)
     return replace(result, written=True)
 
@@ -331,10 +336,28 @@ def _output_name(loaded: LoadedCheckpoint) -> str:
 
 
 def _backend_options(options: ExportOptions, name: str, *, layout: str) -> object:
-    """The backend's own options object out of the run's options (None: its defaults)."""
+    """The backend's own options object out of the run's options (None: its defaults).
+
+    The ORT format is made from the ONNX export, so it takes the ONNX options.
+    """
     if name == "safetensors":
         return replace(options.safetensors, layout=layout)
-    return getattr(options, name, None)
+    return getattr(options, "onnx" if name == "ort" else name, None)
+
+
+def check_options_fit_targets(options: ExportOptions) -> None:
+    """A target-specific option asked of a run without that target: a usage error."""
+    wanted = set(options.targets)
+    for option, asked, takes in (
+        ("--image-input", options.coreml.image_input, {"coreml"}),
+        ("--channels-last", options.tflite.channels_last, {"tflite"}),
+        ("--dynamic-batch", options.onnx.dynamic_batch, {"onnx", "ort"}),
+        ("--dynamic-size", options.onnx.dynamic_size, {"onnx", "ort"}),
+    ):
+        if asked and not wanted & takes:
+            raise UsageError(f"{option} applies to --to {' or '.join(sorted(takes))}, not to "
+                             f"{', '.join(options.targets)}",
+                             hint=f"drop {option}, or export to {' or '.join(sorted(takes))}")
 
 
 def prove_written(backend: Backend, path: Path, final: Path, *, folded: FoldedModel,
@@ -347,9 +370,12 @@ def prove_written(backend: Backend, path: Path, final: Path, *, folded: FoldedMo
                                 f"{error.message}") from None
     verification, cost = prove_artifact(candidate, folded.reference, model=model, rtol=rtol,
                                         gates=gates)
+    companions = tuple(Companion(path=final.with_name(companion.name),
+                                 sha256=sha256_path(companion), bytes=size_of(companion))
+                       for companion in backend.companions(path))
     return Artifact(path=final, format=backend.name, sha256=sha256_path(path),
                     bytes=size_of(path), verification=verification, cost=cost,
-                    declared=candidate.declared)
+                    declared=candidate.declared, companions=companions)
 
 
 def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torch.nn.Module,

@@ -8,12 +8,12 @@ the pipeline, `verify`, `verify --manifest` and `report` take it from there.
 from __future__ import annotations
 
 from mobileone_cli.errors import UsageError
-from mobileone_cli.export import coreml, onnx, safetensors
+from mobileone_cli.export import coreml, executorch, litert, onnx, ort, safetensors
 from mobileone_cli.export.backend import Backend
 
 BACKENDS: dict[str, Backend] = {
     backend.name: backend
-    for backend in (safetensors, onnx, coreml)
+    for backend in (safetensors, onnx, coreml, executorch, litert, ort)
 }
 """Every target by its `--to` name, in the order `--to all` writes them."""
 

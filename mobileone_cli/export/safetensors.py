@@ -32,6 +32,11 @@ def missing() -> str | None:
     return None
 
 
+def companions(path: Path) -> tuple[Path, ...]:
+    """Nothing ships beside this target's file."""
+    return ()
+
+
 def serialize(state: dict[str, torch.Tensor], *, layout: str, metadata: dict[str, str],
               family: str = "mobileone") -> bytes:
     """Bytes of a safetensors file of the canonical `state` of a model of `family`, keys
