@@ -10,22 +10,29 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
 from mobileone_cli import __version__
-from mobileone_cli.errors import MobileOneError
+from mobileone_cli.errors import EXIT_OK, MobileOneError, printable
 
 if TYPE_CHECKING:
     from mobileone_cli.console import Terminal
 from mobileone_cli.layouts import LAYOUTS
-from mobileone_cli.verify import AUTO_TOLERANCE, DEFAULT_INPUT_SIZE
+from mobileone_cli.verify import AUTO_TOLERANCE, DEFAULT_INPUT_SIZE, IMAGE_SUFFIXES
 
 EXIT_INTERRUPTED = 130
 ARGUMENTS_KEY = "mobileone.arguments"
+DEBUG_KEY = "mobileone.debug"
+QUIET_KEY = "mobileone.quiet"
+# `mobileone` with no command shows the help (click >= 8.2 raises this for it).
+NO_ARGUMENTS_IS_HELP: tuple[type[Exception], ...] = tuple(
+    error for error in (getattr(click.exceptions, "NoArgsIsHelpError", None),)
+    if error is not None
+)
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -50,11 +57,64 @@ class SuffixedNumber(click.ParamType):
 
 
 NUMBER = SuffixedNumber()
+
+# Core ML deployment targets an ML Program can have (iOS15 / macOS12 / watchOS8 / tvOS15 on);
+# older ones exist in coremltools but are refused, so neither help nor errors offer them.
+DEPLOYMENT_TARGETS = (
+    *(f"iOS{v}" for v in (15, 16, 17, 18, 26)), *(f"macOS{v}" for v in (12, 13, 14, 15, 26)),
+    *(f"watchOS{v}" for v in (8, 9, 10, 11, 26)), *(f"tvOS{v}" for v in (15, 16, 17, 18, 26)),
+)
+DEPLOYMENT_TARGET_RANGE = ("iOS15-iOS18 or iOS26, macOS12-macOS15 or macOS26, "
+                           "watchOS8-watchOS11 or watchOS26, tvOS15-tvOS18 or tvOS26")
+
+
+class DeploymentTarget(click.ParamType):
+    """A Core ML deployment target for an ML Program, in any letter case (`ios16`)."""
+
+    name = "TARGET"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> str:
+        by_lower = {target.lower(): target for target in DEPLOYMENT_TARGETS}
+        target = by_lower.get(str(value).strip().lower())
+        if target is None:
+            self.fail(f"{value!r} is not a deployment target an ML Program can have; "
+                      f"choose {DEPLOYMENT_TARGET_RANGE}", param, ctx)
+        return target
+
+
+INPUTS_HELP = ("Verify on your own images (a folder of "
+               f"{', '.join(suffix.lstrip('.') for suffix in IMAGE_SUFFIXES)} files) instead of "
+               "seeded noise.")
 EXISTING_FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
 class MobileOneGroup(click.Group):
-    """Runs a command and turns the core's typed errors into one-line messages."""
+    """The one error boundary: every failure becomes `error:` / `hint:` and an exit code.
+
+    Click's own usage errors (missing argument, bad choice, no such option) are
+    rendered like the core's `MobileOneError`s, without click's `Usage:` and
+    `Try ...` lines; with `--json` anywhere on the command line, a failure also
+    prints one `{"error": {...}}` object on stdout.
+    """
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        arguments = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(arguments, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except click.ClickException as error:
+            code = _report_click_error(error, json_mode=wants_json(arguments))
+        except click.Abort:  # Ctrl-C while click parsed the command line
+            report_failure("interrupted; nothing was written", None, code=EXIT_INTERRUPTED,
+                           json_mode=wants_json(arguments))
+            code = EXIT_INTERRUPTED
+        code = code if isinstance(code, int) else EXIT_OK
+        if not standalone_mode:
+            return code
+        sys.exit(code)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         # The command line as given, for the bundle manifest (sys.argv is not it when embedded).
@@ -62,45 +122,125 @@ class MobileOneGroup(click.Group):
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
+        json_mode = wants_json(ctx.meta.get(ARGUMENTS_KEY, ()))
         try:
             return super().invoke(ctx)
         except MobileOneError as error:
-            from mobileone_cli.console import Terminal
-
-            if ctx.params.get("debug"):
+            if ctx.meta.get(DEBUG_KEY):
                 import traceback
 
                 traceback.print_exc()
-            Terminal().error(error.message, error.hint)
+            report_failure(error.message, error.hint, code=error.exit_code, json_mode=json_mode)
             ctx.exit(error.exit_code)
         except KeyboardInterrupt:
-            from mobileone_cli.console import Terminal
-
-            Terminal().error("interrupted; nothing was written")
+            report_failure("interrupted; nothing was written", None, code=EXIT_INTERRUPTED,
+                           json_mode=json_mode)
             ctx.exit(EXIT_INTERRUPTED)
+
+
+def wants_json(arguments: Sequence[str]) -> bool:
+    """Whether `--json` is on the command line (before a `--` that ends the options)."""
+    options = list(arguments)
+    if "--" in options:
+        options = options[:options.index("--")]
+    return "--json" in options
+
+
+def report_failure(message: str, hint: str | None, *, code: int, json_mode: bool) -> None:
+    """`error:` / `hint:` on stderr and, in --json mode, the error object on stdout."""
+    from mobileone_cli.console import Terminal
+
+    terminal = Terminal(json_mode=json_mode)
+    terminal.error(message, hint)
+    if json_mode:
+        terminal.emit_json({"error": error_payload(code, message, hint)})
+
+
+def error_payload(code: int, message: str, hint: str | None) -> dict[str, Any]:
+    """The `error` object of --json output: the exit code, the message and the hint."""
+    return {"code": code, "message": printable(message),
+            "hint": None if hint is None else printable(hint)}
+
+
+def _report_click_error(error: click.ClickException, *, json_mode: bool) -> int:
+    """Render click's own errors as ours; returns the exit code (2 for usage errors)."""
+    if isinstance(error, NO_ARGUMENTS_IS_HELP):
+        error.show()  # `mobileone` alone: the help text, as click prints it
+        return error.exit_code
+    possibilities = getattr(error, "possibilities", None)
+    message = _sentence_case(error.message if possibilities else error.format_message())
+    hint: str | None = None
+    if possibilities:
+        hint = "did you mean " + " or ".join(repr(p) for p in sorted(possibilities)) + "?"
+    elif isinstance(error, click.UsageError) and error.ctx is not None:
+        hint = f"see `{error.ctx.command_path} --help`"
+    report_failure(message, hint, code=error.exit_code, json_mode=json_mode)
+    return error.exit_code
+
+
+def _sentence_case(text: str) -> str:
+    """Click's "Missing argument 'X'." as our messages read: "missing argument 'X'"."""
+    text = text.strip().removesuffix(".")
+    if len(text) > 1 and text[0].isupper() and text[1].islower():
+        text = text[0].lower() + text[1:]
+    return text
 
 
 def run_and_render(ctx: click.Context, *, json_mode: bool, activity: str,
                    call: Callable[..., Any], render: Callable[[Terminal, Any], None]) -> None:
     """The one shape of every command: call the core, print JSON or tables, exit with its code.
 
-    `call` receives a progress callback that updates the spinner's text.
+    `call` receives a progress callback that updates the spinner's text. A
+    result that fails (exit code 3) is rendered as tables or, with --json, as
+    its JSON plus the same `error` object a raised error gives.
     """
     from mobileone_cli.console import Terminal
 
-    terminal = Terminal(json_mode=json_mode, quiet=bool(ctx.find_root().params.get("quiet")))
+    settings = ctx.find_root().meta
+    if not settings.get(DEBUG_KEY):
+        _silence_third_party()
+    terminal = Terminal(json_mode=json_mode, quiet=bool(settings.get(QUIET_KEY)))
     with terminal.progress(activity) as update:
         result = call(update)
+    render(terminal, result)  # in --json mode the tables go nowhere; errors are recorded
     if json_mode:
-        terminal.emit_json(result.to_dict())
-    else:
-        render(terminal, result)
+        payload = result.to_dict()
+        if result.exit_code != EXIT_OK:
+            message, hint = terminal.failure or ("the run failed", None)
+            payload["error"] = error_payload(result.exit_code, message, hint)
+        terminal.emit_json(payload)
     ctx.exit(result.exit_code)
 
 
+def _remember(ctx: click.Context, parameter: click.Parameter, value: bool) -> bool:
+    """Global flags given before or after the command land in the root context's meta."""
+    if value and parameter.name:
+        ctx.find_root().meta[f"mobileone.{parameter.name}"] = True
+    return value
+
+
+DEBUG_HELP = "Show tracebacks and third-party warnings."
+QUIET_HELP = "Print only errors (and --json output): no tables, no progress."
+
+
+def global_options(function: Any) -> Any:
+    """`--debug` and `-q/--quiet` after the command too (`mobileone fold CKPT -o X -q`)."""
+    for option in (
+        click.option("--debug", is_flag=True, hidden=True, expose_value=False,
+                     callback=_remember, help=DEBUG_HELP),
+        click.option("-q", "--quiet", is_flag=True, hidden=True, expose_value=False,
+                     callback=_remember, help=QUIET_HELP),
+    ):
+        function = option(function)
+    return function
+
+
 def json_option(function: Any) -> Any:
-    return click.option("--json", "json_mode", is_flag=True,
-                        help="Print exactly one JSON object on stdout and nothing else there.")(function)
+    """`--json`, and the global flags, which every command takes after its name too."""
+    function = click.option("--json", "json_mode", is_flag=True,
+                            help="Print exactly one JSON object on stdout and nothing else "
+                                 "there, a failure included.")(function)
+    return global_options(function)
 
 
 def fold_options(function: Any) -> Any:
@@ -110,11 +250,12 @@ def fold_options(function: Any) -> Any:
                      help="Largest max|candidate - train| / max|train| that passes "
                           f"[default: {AUTO_TOLERANCE}; fp16 Core ML: its own fp16 floor]."),
         click.option("--inputs", "inputs_dir", type=EXISTING_FOLDER,
-                     help="Verify on your own images (a folder of jpg/png) instead of seeded noise."),
+                     help=INPUTS_HELP),
         click.option("--input-size", type=click.IntRange(min=32), default=DEFAULT_INPUT_SIZE,
                      show_default=True, help="Side of the square inputs (and of static exports)."),
         click.option("--ema", is_flag=True, help="Use the EMA copy of the weights."),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"],
+                                                  case_sensitive=False),
                      default="float32", show_default=True,
                      help="dtype of the safetensors weights (the fold is always float64)."),
     )):
@@ -136,19 +277,17 @@ def _silence_third_party() -> None:
 
 @click.group(cls=MobileOneGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="mobileone")
-@click.option("--debug", is_flag=True, help="Show tracebacks and third-party warnings.")
-@click.option("-q", "--quiet", is_flag=True,
-              help="Print only errors (and --json output): no tables, no progress.")
-@click.pass_context
-def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
+@click.option("--debug", is_flag=True, expose_value=False, callback=_remember, help=DEBUG_HELP)
+@click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_remember,
+              help=QUIET_HELP)
+def main() -> None:
     """Fold train-time MobileOne checkpoints into verified, deployable models.
 
     Reads Apple ml-mobileone, timm and OpenMMLab mmpretrain checkpoints.
     Exit codes: 0 success, 1 bad input, 2 usage, 3 verification failed,
-    4 export failed, 130 interrupted.
+    4 export failed, 130 interrupted. --debug and -q/--quiet go before or
+    after the command.
     """
-    if not debug:
-        _silence_third_party()
     # SIGTERM (a cancelled CI job) unwinds like Ctrl-C, so staged outputs are removed.
     signal.signal(signal.SIGTERM, _interrupt)
 
@@ -176,7 +315,7 @@ def inspect_command(ctx: click.Context, checkpoint: Path, ema: bool, json_mode: 
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the folded .safetensors file.")
 @fold_options
-@click.option("--layout", type=click.Choice(LAYOUTS),
+@click.option("--layout", type=click.Choice(LAYOUTS, case_sensitive=False),
               help="Key naming of the output (default: the checkpoint's own).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @json_option
@@ -198,22 +337,24 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
 @main.command("export")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--to", "target", required=True,
-              type=click.Choice(["onnx", "coreml", "safetensors", "all"]),
+              type=click.Choice(["onnx", "coreml", "safetensors", "all"], case_sensitive=False),
               help="Format to write; `all` writes safetensors, ONNX and Core ML side by side.")
 @click.option("-o", "--output", type=click.Path(path_type=Path),
               help="File (one format) or folder (--to all); default derived from the variant.")
 @click.option("--force", is_flag=True, help="Overwrite existing outputs.")
 @fold_options
-@click.option("--layout", type=click.Choice(LAYOUTS),
+@click.option("--layout", type=click.Choice(LAYOUTS, case_sensitive=False),
               help="Key naming of the safetensors file (default: the checkpoint's own).")
 @click.option("--opset", type=click.IntRange(min=13), default=17, show_default=True,
               help="ONNX opset.")
 @click.option("--dynamic-batch", is_flag=True, help="ONNX: symbolic batch axis.")
 @click.option("--dynamic-size", is_flag=True, help="ONNX: symbolic height and width.")
 @click.option("--no-simplify", is_flag=True, help="ONNX: skip onnxsim.")
-@click.option("--target", "coreml_target", default="iOS16", show_default=True,
-              help="Core ML minimum deployment target (iOS15 or newer).")
-@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16",
+@click.option("--target", "coreml_target", type=DeploymentTarget(), default="iOS16",
+              show_default=True,
+              help=f"Core ML minimum deployment target: {DEPLOYMENT_TARGET_RANGE}.")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"], case_sensitive=False),
+              default="fp16",
               show_default=True, help="Core ML compute precision.")
 @click.option("--image-input", is_flag=True,
               help="Core ML: an image input (camera frames), normalisation folded into the model.")
@@ -272,7 +413,7 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
 @click.option("--against", type=EXISTING_FILE,
               help="The train-time checkpoint the artifact(s) must reproduce.")
 @click.option("--inputs", "inputs_dir", type=EXISTING_FOLDER,
-              help="Verify on your own images (a folder of jpg/png) instead of seeded noise.")
+              help=INPUTS_HELP)
 @click.option("--input-size", type=click.IntRange(min=32),
               help="Side of the square inputs [default: the artifact's static size, else 224].")
 @click.option("--rtol", type=click.FloatRange(min=0, min_open=True), default=None,

@@ -31,18 +31,25 @@ if TYPE_CHECKING:
 
 
 class Terminal:
+    """The one owner of terminal output: tables on stdout, messages and progress on stderr."""
+
     def __init__(self, *, json_mode: bool = False, quiet: bool = False) -> None:
         self.json_mode = json_mode
         self.quiet = quiet
-        # --quiet: tables and notes go nowhere; errors (stderr) and JSON (sys.stdout) still show.
+        self.failure: tuple[str, str | None] | None = None
+        """The first error printed, as (message, hint): --json output carries it too."""
+        # --quiet and --json: tables and notes go nowhere; errors (stderr) and JSON
+        # (sys.stdout) still show.
         self.out = Console(highlight=False, soft_wrap=True,
-                           file=io.StringIO() if quiet else None)
+                           file=io.StringIO() if quiet or json_mode else None)
         # soft_wrap: an error is one line however long, so CI logs and greps keep it whole.
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     # -- messages -------------------------------------------------------------
     def error(self, message: str, hint: str | None = None) -> None:
         """One `error:` line and one `hint:` line, whatever a path or key in them holds."""
+        if self.failure is None:
+            self.failure = (message, hint)
         self.err.print(Text.assemble(("error: ", "bold red"), printable(message)))
         if hint:
             self.err.print(Text.assemble(("hint: ", "yellow"), printable(hint)))

@@ -1,0 +1,137 @@
+"""The error contract a pipeline and a person read: one error style, JSON on every failure.
+
+Every failure, click's own usage errors included, is `error: ...` plus an optional
+`hint: ...` on stderr and the documented exit code; with `--json` stdout holds
+exactly one JSON object, `{"error": {"code", "message", "hint"}}` (plus the result's
+own keys when the run got as far as a result).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from mobileone_cli.cli import main
+from tests.faults import ignore_eps
+
+
+def invoke(*args: str | Path) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def assert_our_style(stderr: str, fragment: str) -> list[str]:
+    """Only `error:` / `hint:` lines, the first naming `fragment`; returns the lines."""
+    lines = stderr.strip().splitlines()
+    assert lines and lines[0].startswith("error: ") and fragment in lines[0], stderr
+    assert all(line.startswith(("error: ", "hint: ")) for line in lines), stderr
+    assert "Usage:" not in stderr and "Try " not in stderr and "Traceback" not in stderr
+    return lines
+
+
+def the_one_json_object(stdout: str) -> dict[str, Any]:
+    payload = json.loads(stdout)  # raises on anything but exactly one JSON document
+    assert isinstance(payload, dict)
+    return payload
+
+
+# Each click usage error: arguments, the fragment of the error line, and the hint's fragment.
+USAGE_ERRORS = {
+    "missing argument": (["fold"], "missing argument 'CHECKPOINT'", "fold --help"),
+    "bad choice": (["export", "{ckpt}", "--to", "tflite"], "'tflite' is not one of",
+                   "export --help"),
+    "no such option": (["inspect", "{ckpt}", "--jsn"], "no such option '--jsn'",
+                       "did you mean '--json'?"),
+    "no such command": (["foldd"], "no such command 'foldd'", "did you mean 'fold'?"),
+    "missing file": (["inspect", "absent.pth"], "'absent.pth' does not exist", "--help"),
+    "refused target": (["export", "{ckpt}", "--to", "coreml", "--target", "iOS14"],
+                       "'iOS14' is not a deployment target", "--help"),
+    "our own usage error": (["verify"], "give either ARTIFACT or --manifest", "verify --help"),
+}
+
+
+@pytest.mark.parametrize("name", USAGE_ERRORS)
+def test_usage_errors_are_one_error_and_one_hint_exit_2(name: str, s0_checkpoint: Path) -> None:
+    arguments, fragment, hint = USAGE_ERRORS[name]
+    code, stdout, stderr = invoke(*(a.format(ckpt=s0_checkpoint) for a in arguments))
+    assert code == 2 and stdout == ""
+    lines = assert_our_style(stderr, fragment)
+    assert len(lines) == 2 and hint in lines[1], stderr
+
+
+@pytest.mark.parametrize("name", USAGE_ERRORS)
+def test_usage_errors_with_json_print_one_error_object(name: str, s0_checkpoint: Path) -> None:
+    arguments, fragment, hint = USAGE_ERRORS[name]
+    code, stdout, stderr = invoke(*(a.format(ckpt=s0_checkpoint) for a in arguments), "--json")
+    payload = the_one_json_object(stdout)
+    assert code == 2 and set(payload) == {"error"}
+    assert payload["error"]["code"] == 2
+    assert fragment in payload["error"]["message"] and hint in payload["error"]["hint"]
+    assert_our_style(stderr, fragment)
+
+
+def test_a_bad_checkpoint_with_json_prints_one_error_object(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "ckpt.pth"
+    checkpoint.write_bytes(b"hello world, no tensors")
+    code, stdout, stderr = invoke("inspect", checkpoint, "--json")
+    payload = the_one_json_object(stdout)
+    assert code == 1 and payload["error"]["code"] == 1
+    assert "ckpt.pth" in payload["error"]["message"] and payload["error"]["hint"]
+    assert_our_style(stderr, "ckpt.pth")
+
+
+def test_a_failed_verification_with_json_carries_its_figures_and_the_error(
+        s0_checkpoint: Path, tmp_path: Path) -> None:
+    with ignore_eps():
+        code, stdout, stderr = invoke("fold", s0_checkpoint, "-o", tmp_path / "s0.safetensors",
+                                      "--input-size", "64", "--json")
+    payload = the_one_json_object(stdout)
+    assert code == 3 and payload["verification"]["passed"] is False
+    assert payload["error"]["code"] == 3
+    assert "beyond the tolerance" in payload["error"]["message"]
+    assert_our_style(stderr, "beyond the tolerance")
+
+
+def test_choices_are_case_insensitive() -> None:
+    export = main.commands["export"]
+    converted = {parameter.name: parameter.type.convert(value, parameter, None)
+                 for parameter in export.params
+                 for name, value in (("target", "CoreML"), ("precision", "FP32"),
+                                     ("layout", "TIMM"), ("dtype", "Float16"),
+                                     ("coreml_target", "ios17"))
+                 if parameter.name == name}
+    assert converted == {"target": "coreml", "precision": "fp32", "layout": "timm",
+                         "dtype": "float16", "coreml_target": "iOS17"}
+
+
+def test_a_case_insensitive_choice_runs(s0_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s0.safetensors"
+    code, stdout, stderr = invoke("fold", s0_checkpoint, "-o", out, "--layout", "TIMM",
+                                  "--input-size", "64", "--json")
+    assert code == 0, stderr
+    assert the_one_json_object(stdout)["output_layout"] == "timm"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_works_before_or_after_the_command(s0_checkpoint: Path, where: str) -> None:
+    arguments = ["inspect", str(s0_checkpoint)]
+    arguments = ["-q", *arguments] if where == "before" else [*arguments, "-q"]
+    assert invoke(*arguments) == (0, "", "")
+
+
+def test_debug_after_the_command_shows_the_traceback(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "ckpt.pth"
+    checkpoint.write_bytes(b"hello world, no tensors")
+    code, _, stderr = invoke("inspect", checkpoint, "--debug")
+    assert code == 1 and "Traceback" in stderr and "error: " in stderr
+
+
+def test_no_arguments_shows_the_help() -> None:
+    code, stdout, stderr = invoke()
+    assert "Commands:" in stdout + stderr and "error:" not in stderr
