@@ -22,6 +22,7 @@ from mobileone_cli.errors import EXIT_OK, MobileOneError, printable
 if TYPE_CHECKING:
     from mobileone_cli.console import Terminal
 from mobileone_cli.layouts import LAYOUTS
+from mobileone_cli.quiet import captured
 from mobileone_cli.verify import AUTO_TOLERANCE, DEFAULT_INPUT_SIZE, IMAGE_SUFFIXES
 
 EXIT_INTERRUPTED = 130
@@ -200,7 +201,9 @@ def run_and_render(ctx: click.Context, *, json_mode: bool, activity: str,
     if not settings.get(DEBUG_KEY):
         _silence_third_party()
     terminal = Terminal(json_mode=json_mode, quiet=bool(settings.get(QUIET_KEY)))
-    with terminal.progress(activity) as update:
+    # The core never prints, so whatever reaches stdout meanwhile is a library's chatter.
+    with terminal.progress(activity) as update, captured(
+            stdout=not settings.get(DEBUG_KEY), stderr=False):
         result = call(update)
     render(terminal, result)  # in --json mode the tables go nowhere; errors are recorded
     if json_mode:
