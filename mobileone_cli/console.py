@@ -209,9 +209,10 @@ class Terminal:
         from mobileone_cli.report import MAC_CONVENTION
 
         height, width = report.size
-        self.out.print(Text(f"MACs: {MAC_CONVENTION} · input {report.batch} x 3 x {height} x "
-                            f"{width} · {report.threads} thread{'' if report.threads == 1 else 's'}",
-                            style="bold"), soft_wrap=True)
+        heading = f"MACs: {MAC_CONVENTION} · input {report.batch} x 3 x {height} x {width}"
+        if report.latency_measured:  # a thread count describes timing; none without it
+            heading += f" · {report.threads} thread{'' if report.threads == 1 else 's'}"
+        self.out.print(Text(heading, style="bold"), soft_wrap=True)
         table = Table(show_edge=False, pad_edge=False)
         for column in ("source", "variant", "params (M)", "MACs (M)"):
             table.add_column(column, justify="right" if "(M)" in column else "left")
@@ -240,6 +241,7 @@ class Terminal:
                 f"latency: median and p90 of {report.runs} runs after {report.warmup} warm-up "
                 f"runs; speed-up = train-time / folded median in torch eager", style="dim"),
                 soft_wrap=True)
+            self.out.print(Text(_machine_line(report), style="dim"), soft_wrap=True)
             if report.machine_was_busy and not self.quiet:
                 self.err.print(Text(
                     f"warning: the machine was busy (load average {report.load_average:.1f} on "
@@ -273,6 +275,13 @@ class Terminal:
         unbounded = self.out.options.update_width(1 << 16)
         width = max(self.out.width, Measurement.get(self.out, unbounded, table).maximum)
         Console(file=self.out.file, width=width, highlight=False, soft_wrap=False).print(table)
+
+
+def _machine_line(report: Report) -> str:
+    """What the latency figures were measured on: runtime versions and the CPU."""
+    versions = " · ".join(f"{name} {version}" for name, version in report.versions.items())
+    cpu = report.cpu_model or "unknown CPU"
+    return f"measured with {versions} on {cpu} ({report.cpus} CPUs available)"
 
 
 def _report_change(row: SourceReport, field: str) -> str:
