@@ -8,6 +8,7 @@ where a `MobileOneError` becomes `error: ...` / `hint: ...` and an exit code.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -82,6 +83,33 @@ class DeploymentTarget(click.ParamType):
             self.fail(f"{value!r} is not a deployment target an ML Program can have; "
                       f"choose {DEPLOYMENT_TARGET_RANGE}", param, ctx)
         return target
+
+
+DEMO_CHECKPOINT = "mobileone-demo/mobileone_s0_train.pth"
+# Two or three real examples ending each command's --help, in the order a newcomer runs them:
+# after `mobileone demo`, each works as written (tests/test_contract.py parses every one).
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "demo": ("mobileone demo",
+             "mobileone demo -o /tmp/mobileone-demo --json"),
+    "inspect": (f"mobileone inspect {DEMO_CHECKPOINT}",
+                f"mobileone inspect {DEMO_CHECKPOINT} --json"),
+    "fold": (f"mobileone fold {DEMO_CHECKPOINT} -o s0.safetensors",
+             f"mobileone fold {DEMO_CHECKPOINT} -o s0_timm.safetensors --layout timm",
+             f"mobileone fold {DEMO_CHECKPOINT} -o s0_fp16.safetensors --dtype float16"),
+    "export": (f"mobileone export {DEMO_CHECKPOINT} --to onnx -o s0.onnx",
+               f"mobileone export {DEMO_CHECKPOINT} --to coreml --image-input -o s0.mlpackage",
+               f"mobileone export {DEMO_CHECKPOINT} --to all -o dist --max-params 5M"),
+    "verify": (f"mobileone verify s0.onnx --against {DEMO_CHECKPOINT}",
+               f"mobileone verify --manifest dist/manifest.json --against {DEMO_CHECKPOINT}"),
+    "report": (f"mobileone report {DEMO_CHECKPOINT} s0.onnx",
+               f"mobileone report {DEMO_CHECKPOINT} --no-latency --per-stage",
+               "mobileone report s0.onnx --threads 1 --runs 50"),
+}
+
+
+def examples(command: str) -> str:
+    """The epilog of `command`'s --help: its examples, kept on their own lines (\\b)."""
+    return "\b\nExamples:\n" + "\n".join(f"  $ {line}" for line in EXAMPLES[command])
 
 
 INPUTS_HELP = ("Verify on your own images (a folder of "
@@ -299,7 +327,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-@main.command("inspect")
+@main.command("inspect", epilog=examples("inspect"))
 @click.argument("checkpoint", type=EXISTING_FILE)
 @click.option("--ema", is_flag=True, help="Read the EMA copy of the weights.")
 @json_option
@@ -313,7 +341,7 @@ def inspect_command(ctx: click.Context, checkpoint: Path, ema: bool, json_mode: 
                    render=lambda terminal, result: terminal.model_summary(result))
 
 
-@main.command("fold")
+@main.command("fold", epilog=examples("fold"))
 @click.argument("checkpoint", type=EXISTING_FILE)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the folded .safetensors file.")
@@ -337,7 +365,7 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
                    render=lambda terminal, result: terminal.fold_result(result))
 
 
-@main.command("export")
+@main.command("export", epilog=examples("export"))
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--to", "target", required=True,
               type=click.Choice(["onnx", "coreml", "safetensors", "all"], case_sensitive=False),
@@ -409,7 +437,7 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
                    render=lambda terminal, result: terminal.export_result(result))
 
 
-@main.command("verify")
+@main.command("verify", epilog=examples("verify"))
 @click.argument("artifact", type=click.Path(exists=True, path_type=Path), required=False)
 @click.option("--manifest", type=EXISTING_FILE,
               help="Check a whole bundle: every hash, and every artifact when --against is given.")
@@ -454,7 +482,7 @@ def verify_command(ctx: click.Context, artifact: Path | None, manifest: Path | N
                    render=lambda terminal, result: terminal.artifact_check(result))
 
 
-@main.command("demo")
+@main.command("demo", epilog=examples("demo"))
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("mobileone-demo"), show_default=True,
               help="Folder for the generated checkpoint and the folded model.")
@@ -467,13 +495,30 @@ def demo_command(ctx: click.Context, output_dir: Path, json_mode: bool) -> None:
     def render(terminal: Terminal, result: Any) -> None:
         terminal.info(f"generated a train-time S0 checkpoint at {result.summary.source}")
         terminal.fold_result(result)
+        if result.exit_code == EXIT_OK:
+            terminal.next_steps(demo_next_commands(
+                result.summary.source, result.outputs[0].path, output_dir))
 
     run_and_render(ctx, json_mode=json_mode,
                    activity="building a seeded S0 checkpoint, folding and verifying",
                    call=lambda update: run_demo(output_dir), render=render)
 
 
-@main.command("report")
+def demo_next_commands(checkpoint: Path, folded: Path, output_dir: Path) -> tuple[str, ...]:
+    """What to run on the demo's files next: a release bundle, its check, the speed-up."""
+    def quoted(path: Path) -> str:
+        return shlex.quote(str(path))
+
+    bundle = output_dir / "dist"
+    return (
+        f"mobileone export {quoted(checkpoint)} --to all -o {quoted(bundle)}",
+        (f"mobileone verify --manifest {quoted(bundle / 'manifest.json')} "
+         f"--against {quoted(checkpoint)}"),
+        f"mobileone report {quoted(checkpoint)} {quoted(folded)}",
+    )
+
+
+@main.command("report", epilog=examples("report"))
 @click.argument("sources", nargs=-1, required=True, type=EXISTING_FILE)
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time each model (torch eager; onnxruntime for .onnx files).")

@@ -58,6 +58,14 @@ class Terminal:
         if not (self.quiet or self.json_mode):
             self.err.print(Text(message, style="dim"))
 
+    def next_steps(self, commands: tuple[str, ...]) -> None:
+        """Commands to try next, on stderr: a guide for people, not data for pipelines."""
+        if self.quiet or self.json_mode:
+            return
+        self.err.print(Text("next, try:", style="bold"))
+        for command in commands:
+            self.err.print(Text(f"  $ {command}"))
+
     @contextmanager
     def progress(self, description: str) -> Iterator[Callable[[str], None]]:
         """A spinner on a terminal; nothing in --json or --quiet mode or when piped.

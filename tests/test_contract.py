@@ -9,13 +9,15 @@ own keys when the run got as far as a result).
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from mobileone_cli.cli import main
+from mobileone_cli.cli import EXAMPLES, main
+from mobileone_cli.verify import IMAGE_SUFFIXES
 from tests.faults import ignore_eps
 
 
@@ -135,3 +137,75 @@ def test_debug_after_the_command_shows_the_traceback(tmp_path: Path) -> None:
 def test_no_arguments_shows_the_help() -> None:
     code, stdout, stderr = invoke()
     assert "Commands:" in stdout + stderr and "error:" not in stderr
+
+
+# -- help and guidance -------------------------------------------------------------------
+
+
+# What `mobileone demo` and the examples before each one write, for parsing them.
+EXAMPLE_FILES = ("mobileone-demo/mobileone_s0_train.pth", "s0.onnx", "dist/manifest.json")
+
+
+def parses(name: str, arguments: list[str]) -> bool:
+    """Whether click takes `arguments` for command `name`: every option, value and file."""
+    with main.commands[name].make_context(name, arguments) as ctx:
+        return ctx.params is not None
+
+
+@pytest.mark.parametrize("name", sorted(main.commands))
+def test_every_help_ends_with_two_or_three_examples_that_parse(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    help_text = invoke(name, "--help")[1]
+    assert 2 <= len(EXAMPLES[name]) <= 3
+    assert help_text.rstrip().splitlines()[-len(EXAMPLES[name]):] == [
+        f"    $ {example}" for example in EXAMPLES[name]]
+    monkeypatch.chdir(tmp_path)
+    for file in EXAMPLE_FILES:
+        (tmp_path / file).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / file).touch()
+    for example in EXAMPLES[name]:
+        program, command, *arguments = shlex.split(example)
+        assert (program, command) == ("mobileone", name)
+        assert parses(name, arguments), example
+
+
+def test_target_help_offers_only_the_targets_it_accepts() -> None:
+    help_text = " ".join(invoke("export", "--help")[1].split())
+    assert "iOS15" in help_text and "iOS13" not in help_text and "iOS14" not in help_text
+    assert invoke("export", "x", "--to", "coreml", "--target", "iOS13")[0] == 2
+
+
+def test_inputs_help_names_every_image_suffix_read() -> None:
+    for command in ("fold", "export", "verify"):
+        help_text = " ".join(invoke(command, "--help")[1].split())
+        for suffix in IMAGE_SUFFIXES:
+            assert suffix.lstrip(".") in help_text, (command, suffix)
+
+
+def test_demo_ends_with_three_commands_to_try_on_its_files(tmp_path: Path) -> None:
+    folder = tmp_path / "demo folder"
+    code, stdout, stderr = invoke("demo", "-o", folder)
+    assert code == 0, stderr
+    steps = stderr.strip().splitlines()[-4:]
+    assert steps[0] == "next, try:"
+    commands = [shlex.split(line.removeprefix("  $ ")) for line in steps[1:]]
+    assert [command[1] for command in commands] == ["export", "verify", "report"]
+    assert str(folder / "mobileone_s0_train.pth") in commands[0]
+    assert str(folder / "mobileone_s0.safetensors") in commands[2]
+    (folder / "dist").mkdir()
+    (folder / "dist" / "manifest.json").touch()  # what the first command writes
+    for program, name, *arguments in commands:
+        assert program == "mobileone" and parses(name, arguments)
+    as_json = invoke("demo", "-o", tmp_path / "again", "--json")
+    assert "next, try" not in as_json[1] + as_json[2]
+
+
+def test_a_git_lfs_pointer_says_to_pull_it(tmp_path: Path) -> None:
+    pointer = tmp_path / "mobileone_s0.pth"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\n"
+                       "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n"
+                       "size 21913789\n")
+    code, _, stderr = invoke("inspect", pointer)
+    assert code == 1
+    lines = assert_our_style(stderr, "is a Git LFS pointer")
+    assert lines[1] == "hint: run `git lfs pull` to fetch the file"
