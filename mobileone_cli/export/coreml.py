@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import logging
 import shutil
@@ -52,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from mobileone_cli import __version__
 from mobileone_cli.errors import ExportFailedError, OutputError, UsageError
 from mobileone_cli.mil import run_program, summarize_program
+from mobileone_cli.quiet import captured
 
 if TYPE_CHECKING:
     import numpy as np
@@ -352,7 +352,9 @@ def _quiet_coremltools() -> Iterator[None]:
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        # Descriptor-level: importing coremltools imports torchao, whose C++ loader and
+        # torch's C++ logging write to descriptor 2, which redirect_stderr cannot see.
+        with warnings.catch_warnings(), captured():
             warnings.filterwarnings("ignore", message=_TRACE_DEPRECATED, category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*has been renamed")
             warnings.filterwarnings("ignore", message=_TEMPORARY_DIRECTORY,
