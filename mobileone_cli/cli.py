@@ -1,8 +1,10 @@
 """The `mobileone` command: parse options, call one API function, render its result.
 
 Only the standard library, click and rich are imported here at start-up, so
-`mobileone --help` never waits for torch. The group's `invoke` is the one place
-where a `MobileOneError` becomes `error: ...` / `hint: ...` and an exit code.
+`mobileone --help` never waits for torch. The group is the one error boundary:
+its `invoke` turns a `MobileOneError` into `error: ...` / `hint: ...` and an exit
+code, its `main` does the same for click's own usage errors, and with `--json`
+both also print `{"error": {"code", "message", "hint"}}` on stdout.
 """
 
 from __future__ import annotations
@@ -198,13 +200,22 @@ def _report_click_error(error: click.ClickException, *, json_mode: bool) -> int:
         return error.exit_code
     possibilities = getattr(error, "possibilities", None)
     message = _sentence_case(error.message if possibilities else error.format_message())
-    hint: str | None = None
-    if possibilities:
-        hint = "did you mean " + " or ".join(repr(p) for p in sorted(possibilities)) + "?"
-    elif isinstance(error, click.UsageError) and error.ctx is not None:
-        hint = f"see `{error.ctx.command_path} --help`"
-    report_failure(message, hint, code=error.exit_code, json_mode=json_mode)
+    report_failure(message, _click_hint(error, possibilities), code=error.exit_code,
+                   json_mode=json_mode)
     return error.exit_code
+
+
+def _click_hint(error: click.ClickException, possibilities: list[str] | None) -> str | None:
+    """Click's "did you mean", else where the usage is explained."""
+    # A parse-time check that raised a MobileOneError may hand its hint on as `hint`.
+    carried = getattr(error, "hint", None)
+    if isinstance(carried, str) and carried:
+        return carried
+    if possibilities:
+        return "did you mean " + " or ".join(repr(p) for p in sorted(possibilities)) + "?"
+    if isinstance(error, click.UsageError) and error.ctx is not None:
+        return f"see `{error.ctx.command_path} --help`"
+    return None
 
 
 def _sentence_case(text: str) -> str:

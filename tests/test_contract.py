@@ -13,10 +13,11 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 
-from mobileone_cli.cli import EXAMPLES, main
+from mobileone_cli.cli import EXAMPLES, _click_hint, main
 from mobileone_cli.verify import IMAGE_SUFFIXES
 from tests.faults import ignore_eps
 
@@ -209,3 +210,11 @@ def test_a_git_lfs_pointer_says_to_pull_it(tmp_path: Path) -> None:
     assert code == 1
     lines = assert_our_style(stderr, "is a Git LFS pointer")
     assert lines[1] == "hint: run `git lfs pull` to fetch the file"
+
+
+def test_a_parse_time_check_keeps_the_hint_it_carries() -> None:
+    """A parameter type that turns a MobileOneError into click's error can keep its hint."""
+    error = click.BadParameter("--input-size 100000 needs 120 GB", param_hint="'--input-size'")
+    error.hint = "pass --input-size 1024 or less"  # type: ignore[attr-defined]
+    assert _click_hint(error, None) == "pass --input-size 1024 or less"
+    assert _click_hint(click.UsageError("x"), ["--json"]) == "did you mean '--json'?"
