@@ -8,19 +8,21 @@ for the duration of a converter call, and `sys.stdout` / `sys.stderr` too (they
 are not descriptor-backed under a test runner or when embedded). Whatever was
 written is kept, so a failure can quote the converter's last meaningful line.
 
-Standard library only: backends import it without cost.
+Standard library only, and `tempfile` and `ctypes` (30-70 ms together) are imported
+where used: the CLI imports this module, and `mobileone --help` must stay instant.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import io
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
+
+if TYPE_CHECKING:
+    import ctypes
 
 STDOUT_DESCRIPTOR = 1
 STDERR_DESCRIPTOR = 2
@@ -75,6 +77,8 @@ def captured(*, stdout: bool = True, stderr: bool = True) -> Iterator[Captured]:
     descriptor cannot be duplicated (closed by a daemon), only the Python
     stream is redirected.
     """
+    import tempfile
+
     descriptors = [fd for fd, wanted in ((STDOUT_DESCRIPTOR, stdout), (STDERR_DESCRIPTOR, stderr))
                    if wanted]
     buffer = tempfile.TemporaryFile()  # noqa: SIM115 - closed through Captured.close below
@@ -125,6 +129,8 @@ _C_LIBRARY: list[ctypes.CDLL] = []
 
 
 def _c_library() -> ctypes.CDLL:
+    import ctypes
+
     if not _C_LIBRARY:
         _C_LIBRARY.append(ctypes.CDLL(None))
     return _C_LIBRARY[0]
