@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 from collections.abc import Sequence
-from importlib import metadata as package_metadata
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from mobileone_cli import __version__
 from mobileone_cli.files import sha256_path
 from mobileone_cli.manifest import MANIFEST, SCHEMA_V2, SUMMARY
 from mobileone_cli.results import ExportResult, HashCheck, format_number, significant
+from mobileone_cli.versions import stack_versions
 
 SCHEMA = SCHEMA_V2
 RECORDED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "coremltools", "numpy",
@@ -93,13 +92,7 @@ def portable_argument(argument: str) -> str:
 
 def package_versions() -> dict[str, str]:
     """The tool's, Python's and every recorded package's version ("not installed" if absent)."""
-    versions = {"mobileone": __version__, "python": platform.python_version()}
-    for name in RECORDED_PACKAGES:
-        try:
-            versions[name] = package_metadata.version(name)
-        except package_metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+    return stack_versions(RECORDED_PACKAGES, absent="not installed")
 
 
 def render_summary(manifest: dict[str, Any]) -> str:

@@ -13,18 +13,19 @@ import importlib
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 
 from mobileone_cli import __version__
-from mobileone_cli.errors import EXIT_INTERRUPTED, MobileOneError
+from mobileone_cli.errors import EXIT_INTERRUPTED, EXIT_OK, MobileOneError, printable
 from mobileone_cli.layouts import ALL_LAYOUTS
 from mobileone_cli.options import (
     TARGETS,
@@ -40,7 +41,9 @@ from mobileone_cli.options import (
 )
 from mobileone_cli.proof.compare import AUTO_TOLERANCE, DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
 from mobileone_cli.proof.inputs import DEFAULT_INPUT_SIZE, IMAGE_SUFFIXES
+from mobileone_cli.quiet import captured
 from mobileone_cli.validation import (
+    COREML_TARGETS,
     check_coreml_target,
     check_input_size,
     finite_number,
@@ -68,8 +71,44 @@ else:
     api = _Deferred("mobileone_cli.api")
     console = _Deferred("mobileone_cli.console")
 
+DEMO_CHECKPOINT = "mobileone-demo/mobileone_s0_train.pth"
+# Two or three real examples ending each command's --help, in the order a newcomer runs them:
+# after `mobileone demo`, each works as written (tests/test_contract.py parses every one).
+EXAMPLES: dict[str, tuple[str, ...]] = {
+    "demo": ("mobileone demo",
+             "mobileone demo -o /tmp/mobileone-demo --json"),
+    "inspect": (f"mobileone inspect {DEMO_CHECKPOINT}",
+                f"mobileone inspect {DEMO_CHECKPOINT} --json"),
+    "fold": (f"mobileone fold {DEMO_CHECKPOINT} -o s0.safetensors",
+             f"mobileone fold {DEMO_CHECKPOINT} -o s0_timm.safetensors --layout timm",
+             f"mobileone fold {DEMO_CHECKPOINT} -o s0_fp16.safetensors --dtype float16"),
+    "export": (f"mobileone export {DEMO_CHECKPOINT} --to onnx -o s0.onnx",
+               f"mobileone export {DEMO_CHECKPOINT} --to coreml --image-input -o s0.mlpackage",
+               f"mobileone export {DEMO_CHECKPOINT} --to all -o dist --max-params 5M"),
+    "verify": (f"mobileone verify s0.onnx --against {DEMO_CHECKPOINT}",
+               f"mobileone verify --manifest dist/manifest.json --against {DEMO_CHECKPOINT}"),
+    "report": (f"mobileone report {DEMO_CHECKPOINT} s0.onnx",
+               f"mobileone report {DEMO_CHECKPOINT} --no-latency --per-stage",
+               "mobileone report s0.onnx --threads 1 --runs 50"),
+}
+
+
+def examples(command: str) -> str:
+    """The epilog of `command`'s --help: its examples, kept on their own lines (\\b)."""
+    return "\b\nExamples:\n" + "\n".join(f"  $ {line}" for line in EXAMPLES[command])
+
+
 _IMAGE_KINDS = "/".join(suffix.removeprefix(".") for suffix in IMAGE_SUFFIXES)
 ARGUMENTS_KEY = "mobileone.arguments"
+DEBUG_KEY = "mobileone.debug"
+QUIET_KEY = "mobileone.quiet"
+# `mobileone` with no command shows the help (click >= 8.2 raises this for it).
+NO_ARGUMENTS_IS_HELP: tuple[type[Exception], ...] = tuple(
+    error for error in (getattr(click.exceptions, "NoArgsIsHelpError", None),)
+    if error is not None
+)
+DEPLOYMENT_TARGET_RANGE = ("iOS15-iOS18 or iOS26, macOS12-macOS15 or macOS26, "
+                           "watchOS8-watchOS11 or watchOS26, tvOS15-tvOS18 or tvOS26")
 
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
@@ -125,13 +164,15 @@ class InputSize(click.IntRange):
 
 
 class CoreMLTarget(click.ParamType):
-    """A Core ML deployment target that can hold an ML Program (checked without coremltools)."""
+    """A Core ML deployment target that can hold an ML Program, in any letter case (`ios16`)."""
 
     name = "TARGET"
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> str:
-        return _checked(check_coreml_target, str(value), param, ctx)
+        by_lower = {target.lower(): target for target in COREML_TARGETS}
+        name = by_lower.get(str(value).strip().lower(), str(value))
+        return _checked(check_coreml_target, name, param, ctx)
 
 
 class LabelsFile(click.Path):
@@ -157,8 +198,9 @@ def _checked(check: Callable[..., Any], value: Any, param: click.Parameter | Non
     try:
         check(value, **options)
     except MobileOneError as error:
-        raise click.BadParameter(f"{error.message} ({error.hint})" if error.hint
-                                 else error.message, ctx=ctx, param=param) from None
+        bad = click.BadParameter(error.message, ctx=ctx, param=param)
+        bad.hint = error.hint  # type: ignore[attr-defined]  # read by _click_hint
+        raise bad from None
     return value
 
 
@@ -168,7 +210,32 @@ EXISTING_FOLDER = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
 class MobileOneGroup(click.Group):
-    """Runs a command and turns the core's typed errors into one-line messages."""
+    """The one error boundary: every failure becomes `error:` / `hint:` and an exit code.
+
+    Click's own usage errors (missing argument, bad choice, no such option) are
+    rendered like the core's `MobileOneError`s, without click's `Usage:` and
+    `Try ...` lines; with `--json` anywhere on the command line, a failure also
+    prints one `{"error": {...}}` object on stdout.
+    """
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        """Run as click does, rendering click's own errors as ours."""
+        arguments = list(sys.argv[1:] if args is None else args)
+        try:
+            code = super().main(arguments, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except click.ClickException as error:
+            code = _report_click_error(error, json_mode=wants_json(arguments))
+        except click.Abort:  # Ctrl-C while click parsed the command line
+            report_failure("interrupted; nothing was written", None, code=EXIT_INTERRUPTED,
+                           json_mode=wants_json(arguments))
+            code = EXIT_INTERRUPTED
+        code = code if isinstance(code, int) else EXIT_OK
+        if not standalone_mode:
+            return code
+        sys.exit(code)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         """Parse as click does, keeping the raw arguments for the bundle manifest."""
@@ -178,43 +245,131 @@ class MobileOneGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         """Run the command; a `MobileOneError` becomes `error:`/`hint:` lines and its exit code."""
+        json_mode = wants_json(ctx.meta.get(ARGUMENTS_KEY, ()))
         try:
             return super().invoke(ctx)
-        except MobileOneError as error:
-            if ctx.params.get("debug"):
-                traceback.print_exc()
-            console.Terminal().error(error.message, error.hint)
-            ctx.exit(error.exit_code)
-        except KeyboardInterrupt:
-            console.Terminal().error("interrupted; nothing was written")
-            ctx.exit(EXIT_INTERRUPTED)
         except (click.exceptions.Exit, click.ClickException):
             raise  # click's own exits and usage errors: not failures of ours
-        except Exception:
+        except (KeyboardInterrupt, Exception) as error:
             # A library that catches the interrupt (a bare `except:` around an import) fails
-            # later in its own way (numpy: "CPU dispatcher tracer already initialized"):
-            # once a signal arrived, whatever unwinds is that interrupt.
-            if not _INTERRUPTS.signalled:
+            # later in its own way (numpy: "CPU dispatcher tracer already initialized";
+            # torch: "module 'torch._dynamo' has no attribute 'exc'", which a converter then
+            # reports as its failure): once a signal arrived, whatever unwinds is that interrupt.
+            if isinstance(error, KeyboardInterrupt) or _INTERRUPTS.signalled:
+                report_failure("interrupted; nothing was written", None, code=EXIT_INTERRUPTED,
+                               json_mode=json_mode)
+                ctx.exit(EXIT_INTERRUPTED)
+            if not isinstance(error, MobileOneError):
                 raise
-            console.Terminal().error("interrupted; nothing was written")
-            ctx.exit(EXIT_INTERRUPTED)
+            if ctx.meta.get(DEBUG_KEY):
+                traceback.print_exc()
+            report_failure(error.message, error.hint, code=error.exit_code, json_mode=json_mode)
+            ctx.exit(error.exit_code)
+
+
+def wants_json(arguments: Sequence[str]) -> bool:
+    """Whether `--json` is on the command line (before a `--` that ends the options)."""
+    options = list(arguments)
+    if "--" in options:
+        options = options[:options.index("--")]
+    return "--json" in options
+
+
+def report_failure(message: str, hint: str | None, *, code: int, json_mode: bool) -> None:
+    """`error:` / `hint:` on stderr and, in --json mode, the error object on stdout."""
+    terminal = console.Terminal(json_mode=json_mode)
+    terminal.error(message, hint)
+    if json_mode:
+        terminal.emit_json({"error": error_payload(code, message, hint)})
+
+
+def error_payload(code: int, message: str, hint: str | None) -> dict[str, Any]:
+    """The `error` object of --json output: the exit code, the message and the hint."""
+    return {"code": code, "message": printable(message),
+            "hint": None if hint is None else printable(hint)}
+
+
+def _report_click_error(error: click.ClickException, *, json_mode: bool) -> int:
+    """Render click's own errors as ours; returns the exit code (2 for usage errors)."""
+    if isinstance(error, NO_ARGUMENTS_IS_HELP):
+        error.show()  # `mobileone` alone: the help text, as click prints it
+        return error.exit_code
+    possibilities = getattr(error, "possibilities", None)
+    message = _sentence_case(error.message if possibilities else error.format_message())
+    report_failure(message, _click_hint(error, possibilities), code=error.exit_code,
+                   json_mode=json_mode)
+    return error.exit_code
+
+
+def _click_hint(error: click.ClickException, possibilities: list[str] | None) -> str | None:
+    """Click's "did you mean", else where the usage is explained."""
+    # A parse-time check that raised a MobileOneError hands its hint on as `hint`.
+    carried = getattr(error, "hint", None)
+    if isinstance(carried, str) and carried:
+        return carried
+    if possibilities:
+        return "did you mean " + " or ".join(repr(p) for p in sorted(possibilities)) + "?"
+    if isinstance(error, click.UsageError) and error.ctx is not None:
+        return f"see `{error.ctx.command_path} --help`"
+    return None
+
+
+def _sentence_case(text: str) -> str:
+    """Click's "Missing argument 'X'." as our messages read: "missing argument 'X'"."""
+    text = text.strip().removesuffix(".")
+    if len(text) > 1 and text[0].isupper() and text[1].islower():
+        text = text[0].lower() + text[1:]
+    return text
 
 
 def run_and_render(ctx: click.Context, *, json_mode: bool, activity: str,
                    call: Callable[..., Any], render: Callable[[console.Terminal, Any], None]) -> None:
     """The one shape of every command: call the core, print JSON or tables, exit with its code.
 
-    `call` receives a progress callback that updates the spinner's text.
+    `call` receives a progress callback that updates the spinner's text. A
+    result that fails (exit code 3) is rendered as tables or, with --json, as
+    its JSON plus the same `error` object a raised error gives.
     """
-    terminal = console.Terminal(json_mode=json_mode, quiet=bool(ctx.find_root().params.get("quiet")))
-    with terminal.progress(activity) as update:
+    settings = ctx.find_root().meta
+    if not settings.get(DEBUG_KEY):
+        _silence_third_party()
+    terminal = console.Terminal(json_mode=json_mode, quiet=bool(settings.get(QUIET_KEY)))
+    # The core never prints, so whatever reaches stdout meanwhile is a library's chatter.
+    with terminal.progress(activity) as update, captured(
+            stdout=not settings.get(DEBUG_KEY), stderr=False):
         result = call(update)
     _INTERRUPTS.work_done = True
+    render(terminal, result)  # in --json mode the tables go nowhere; errors are recorded
     if json_mode:
-        terminal.emit_json(result.to_dict())
-    else:
-        render(terminal, result)
+        payload = result.to_dict()
+        if result.exit_code != EXIT_OK:
+            message, hint = terminal.failure or ("the run failed", None)
+            payload["error"] = error_payload(result.exit_code, message, hint)
+        terminal.emit_json(payload)
     ctx.exit(result.exit_code)
+
+
+def _remember(ctx: click.Context, parameter: click.Parameter, value: bool) -> bool:
+    """Global flags given before or after the command land in the root context's meta."""
+    if value and parameter.name:
+        ctx.find_root().meta[f"mobileone.{parameter.name}"] = True
+    return value
+
+
+DEBUG_HELP = "Show tracebacks and third-party warnings."
+QUIET_HELP = "Print only errors (and --json output): no tables, no progress."
+
+
+def global_options(function: Any) -> Any:
+    """`--debug` and `-q/--quiet` after the command too (`mobileone fold CKPT -o X -q`)."""
+    for option in (
+        click.option("--debug", is_flag=True, hidden=True, expose_value=False,
+                     callback=_remember, help=DEBUG_HELP),
+        click.option("-q", "--quiet", is_flag=True, hidden=True, expose_value=False,
+                     callback=_remember, help=QUIET_HELP),
+    ):
+        function = option(function)
+    return function
 
 
 def cost_gate_options(function: Any) -> Any:
@@ -234,9 +389,11 @@ def cost_gate_options(function: Any) -> Any:
 
 
 def json_option(function: Any) -> Any:
-    """`--json`, which every command takes."""
-    return click.option("--json", "json_mode", is_flag=True,
-                        help="Print exactly one JSON object on stdout and nothing else there.")(function)
+    """`--json`, and the global flags, which every command takes after its name too."""
+    function = click.option("--json", "json_mode", is_flag=True,
+                            help="Print exactly one JSON object on stdout and nothing else "
+                                 "there, a failure included.")(function)
+    return global_options(function)
 
 
 def fold_options(function: Any) -> Any:
@@ -251,7 +408,8 @@ def fold_options(function: Any) -> Any:
         click.option("--input-size", type=INPUT_SIZE, default=DEFAULT_INPUT_SIZE,
                      show_default=True, help="Side of the square inputs (and of static exports)."),
         click.option("--ema", is_flag=True, help="Use the EMA copy of the weights."),
-        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+        click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"],
+                                                  case_sensitive=False),
                      default="float32", show_default=True,
                      help="dtype of the safetensors weights (the fold is always float64)."),
     )):
@@ -269,19 +427,17 @@ def _silence_third_party() -> None:
 
 @click.group(cls=MobileOneGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="mobileone")
-@click.option("--debug", is_flag=True, help="Show tracebacks and third-party warnings.")
-@click.option("-q", "--quiet", is_flag=True,
-              help="Print only errors (and --json output): no tables, no progress.")
-@click.pass_context
-def main(ctx: click.Context, debug: bool, quiet: bool) -> None:
-    """Fold train-time MobileOne checkpoints into verified, deployable models.
+@click.option("--debug", is_flag=True, expose_value=False, callback=_remember, help=DEBUG_HELP)
+@click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_remember,
+              help=QUIET_HELP)
+def main() -> None:
+    """Fold train-time checkpoints (MobileOne, RepViT) into verified, deployable models.
 
-    Reads Apple ml-mobileone, timm and OpenMMLab mmpretrain checkpoints.
-    Exit codes: 0 success, 1 bad input, 2 usage, 3 verification failed,
-    4 export failed, 130 interrupted.
+    Reads Apple ml-mobileone, timm, OpenMMLab mmpretrain and shoutOutYangJie
+    MobileOne checkpoints, and timm and THU-MIG RepViT ones. Exit codes: 0
+    success, 1 bad input, 2 usage, 3 verification failed, 4 export failed, 130
+    interrupted. --debug and -q/--quiet go before or after the command.
     """
-    if not debug:
-        _silence_third_party()
     # SIGTERM (a cancelled CI job) unwinds like Ctrl-C, so staged outputs are removed.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
@@ -311,7 +467,7 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-@main.command("inspect")
+@main.command("inspect", epilog=examples("inspect"))
 @click.argument("checkpoint", type=EXISTING_FILE)
 @click.option("--ema", is_flag=True, help="Read the EMA copy of the weights.")
 @json_option
@@ -323,7 +479,7 @@ def inspect_command(ctx: click.Context, checkpoint: Path, ema: bool, json_mode: 
                    render=lambda terminal, result: terminal.model_summary(result))
 
 
-@main.command("fold")
+@main.command("fold", epilog=examples("fold"))
 @click.argument("checkpoint", type=EXISTING_FILE)
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Where to write the folded .safetensors file.")
@@ -332,21 +488,24 @@ def inspect_command(ctx: click.Context, checkpoint: Path, ema: bool, json_mode: 
               help="Key naming of the output (default: the checkpoint's own).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file (never a folder, "
               "never an input).")
+@cost_gate_options
 @json_option
 @click.pass_context
 def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float | None,
                  inputs_dir: Path | None, input_size: int, layout: str | None, ema: bool,
-                 dtype: str, force: bool, json_mode: bool) -> None:
+                 dtype: str, force: bool, min_cosine: float, min_agreement: float,
+                 json_mode: bool) -> None:
     """Fold CHECKPOINT, prove it equivalent, and write safetensors."""
     options = FoldOptions(checkpoint=checkpoint, output=output, rtol=rtol, inputs_dir=inputs_dir,
                           input_size=input_size, layout=layout, ema=ema, force=force,
-                          dtype=dtype)
+                          dtype=dtype.lower(),
+                          gates=Gates(min_cosine=min_cosine, min_agreement=min_agreement))
     run_and_render(ctx, json_mode=json_mode, activity="folding and verifying",
                    call=lambda update: api.fold(options, progress=update),
                    render=lambda terminal, result: terminal.export_result(result))
 
 
-@main.command("export")
+@main.command("export", epilog=examples("export"))
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--to", "target", required=True,
               type=click.Choice([*TARGETS, "all"], case_sensitive=False),
@@ -371,8 +530,9 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
 @click.option("--no-simplify", is_flag=True, help="ONNX: skip onnxsim.")
 @click.option("--target", "coreml_target", type=CoreMLTarget(), default="iOS16",
               show_default=True,
-              help="Core ML minimum deployment target (iOS15 or newer).")
-@click.option("--precision", type=click.Choice(["fp16", "fp32"]), default="fp16",
+              help=f"Core ML minimum deployment target: {DEPLOYMENT_TARGET_RANGE}.")
+@click.option("--precision", type=click.Choice(["fp16", "fp32"], case_sensitive=False),
+              default="fp16",
               show_default=True, help="Core ML compute precision.")
 @click.option("--channels-last", is_flag=True,
               help="LiteRT (tflite): an NHWC input (1 x H x W x 3), as Android camera pipelines "
@@ -430,7 +590,7 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
                    render=lambda terminal, result: terminal.export_result(result))
 
 
-@main.command("verify")
+@main.command("verify", epilog=examples("verify"))
 @click.argument("artifact", type=click.Path(exists=True, path_type=Path), required=False)
 @click.option("--manifest", type=EXISTING_FILE,
               help="Check a whole bundle: every hash, and every artifact when --against is given.")
@@ -477,7 +637,7 @@ def verify_command(ctx: click.Context, artifact: Path | None, manifest: Path | N
                    render=lambda terminal, result: terminal.artifact_check(result))
 
 
-@main.command("demo")
+@main.command("demo", epilog=examples("demo"))
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("mobileone-demo"), show_default=True,
               help="Folder for the generated checkpoint and the folded model.")
@@ -488,13 +648,30 @@ def demo_command(ctx: click.Context, output_dir: Path, json_mode: bool) -> None:
     def render(terminal: console.Terminal, result: Any) -> None:
         terminal.info(f"generated a train-time S0 checkpoint at {result.summary.source}")
         terminal.export_result(result)
+        if result.exit_code == EXIT_OK:
+            terminal.next_steps(demo_next_commands(
+                result.summary.source, result.artifacts[0].path, output_dir))
 
     run_and_render(ctx, json_mode=json_mode,
                    activity="building a seeded S0 checkpoint, folding and verifying",
                    call=lambda update: api.demo(output_dir, progress=update), render=render)
 
 
-@main.command("report")
+def demo_next_commands(checkpoint: Path, folded: Path, output_dir: Path) -> tuple[str, ...]:
+    """What to run on the demo's files next: a release bundle, its check, the speed-up."""
+    def quoted(path: Path) -> str:
+        return shlex.quote(str(path))
+
+    bundle = output_dir / "dist"
+    return (
+        f"mobileone export {quoted(checkpoint)} --to all -o {quoted(bundle)}",
+        (f"mobileone verify --manifest {quoted(bundle / 'manifest.json')} "
+         f"--against {quoted(checkpoint)}"),
+        f"mobileone report {quoted(checkpoint)} {quoted(folded)}",
+    )
+
+
+@main.command("report", epilog=examples("report"))
 @click.argument("sources", nargs=-1, required=True, type=EXISTING_FILE)
 @click.option("--latency/--no-latency", default=True, show_default=True,
               help="Time each model (torch eager; onnxruntime for .onnx files).")

@@ -37,20 +37,25 @@ if TYPE_CHECKING:
 
 
 class Terminal:
-    """The one owner of rich output: tables and JSON to stdout, messages to stderr."""
+    """The one owner of terminal output: tables on stdout, messages and progress on stderr."""
 
     def __init__(self, *, json_mode: bool = False, quiet: bool = False) -> None:
         self.json_mode = json_mode
         self.quiet = quiet
-        # --quiet: tables and notes go nowhere; errors (stderr) and JSON (sys.stdout) still show.
+        self.failure: tuple[str, str | None] | None = None
+        """The first error printed, as (message, hint): --json output carries it too."""
+        # --quiet and --json: tables and notes go nowhere; errors (stderr) and JSON
+        # (sys.stdout) still show.
         self.out = Console(highlight=False, soft_wrap=True,
-                           file=io.StringIO() if quiet else None)
+                           file=io.StringIO() if quiet or json_mode else None)
         # soft_wrap: an error is one line however long, so CI logs and greps keep it whole.
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     # -- messages -------------------------------------------------------------
     def error(self, message: str, hint: str | None = None) -> None:
         """One `error:` line and one `hint:` line, whatever a path or key in them holds."""
+        if self.failure is None:
+            self.failure = (message, hint)
         self.err.print(Text.assemble(("error: ", "bold red"), printable(message)))
         if hint:
             self.err.print(Text.assemble(("hint: ", "yellow"), printable(hint)))
@@ -59,6 +64,14 @@ class Terminal:
         """A note on stderr, unless quiet or printing JSON."""
         if not (self.quiet or self.json_mode):
             self.err.print(Text(message, style="dim"))
+
+    def next_steps(self, commands: tuple[str, ...]) -> None:
+        """Commands to try next, on stderr: a guide for people, not data for pipelines."""
+        if self.quiet or self.json_mode:
+            return
+        self.err.print(Text("next, try:", style="bold"))
+        for command in commands:
+            self.err.print(Text(f"  $ {command}"))
 
     @contextmanager
     def progress(self, description: str) -> Iterator[Callable[[str], None]]:
@@ -116,7 +129,7 @@ class Terminal:
         table.add_column("value", justify="right")
         table.add_row("max |Δ|", f"{verification.max_abs_diff:.3g}")
         table.add_row("max relative |Δ|", f"{verification.max_rel_diff:.3g}")
-        table.add_row("tolerance (rtol)", f"{verification.rtol:.3g}  ({verification.tolerance_rule})")
+        table.add_row("tolerance (rtol)", f"{verification.rtol:.3g}")
         table.add_row("reference", verification.reference)
         table.add_row("fp32 noise floor", f"{verification.noise_floor:.3g}")
         ratio = verification.floor_ratio
@@ -128,6 +141,8 @@ class Terminal:
             "FAILED", style="bold red")
         table.add_row("verdict", verdict)
         self.out.print(table)
+        # The rule under the table, not in its cell: a long rule would widen every row.
+        self.out.print(Text(f"  tolerance: {verification.tolerance_rule}", style="dim"))
         self.out.print(Text("  inputs: " + "; ".join(verification.inputs), style="dim"))
 
     def artifacts(self, artifacts: tuple[Artifact, ...]) -> None:
@@ -259,9 +274,10 @@ class Terminal:
     def report(self, report: Report) -> None:
         """One row per source: params and MACs train → fused, latency per runtime, file size."""
         height, width = report.size
-        self.out.print(Text(f"MACs: {MAC_CONVENTION} · input {report.batch} x 3 x {height} x "
-                            f"{width} · {report.threads} thread{'' if report.threads == 1 else 's'}",
-                            style="bold"), soft_wrap=True)
+        heading = f"MACs: {MAC_CONVENTION} · input {report.batch} x 3 x {height} x {width}"
+        if report.latency_measured:  # a thread count describes timing; none without it
+            heading += f" · {report.threads} thread{'' if report.threads == 1 else 's'}"
+        self.out.print(Text(heading, style="bold"), soft_wrap=True)
         table = Table(show_edge=False, pad_edge=False)
         for column in ("source", "variant", "params (M)", "MACs (M)"):
             table.add_column(column, justify="right" if "(M)" in column else "left")
@@ -290,6 +306,7 @@ class Terminal:
                 f"latency: median and p90 of {report.runs} runs after {report.warmup} warm-up "
                 f"runs; speed-up = train-time / folded median in torch eager", style="dim"),
                 soft_wrap=True)
+            self.out.print(Text(_machine_line(report), style="dim"), soft_wrap=True)
             if report.machine_was_busy and not self.quiet:
                 self.err.print(Text(
                     f"warning: the machine was busy (load average {report.load_average:.1f} on "
@@ -321,6 +338,13 @@ class Terminal:
         unbounded = self.out.options.update_width(1 << 16)
         width = max(self.out.width, Measurement.get(self.out, unbounded, table).maximum)
         Console(file=self.out.file, width=width, highlight=False, soft_wrap=False).print(table)
+
+
+def _machine_line(report: Report) -> str:
+    """What the latency figures were measured on: runtime versions and the CPU."""
+    versions = " · ".join(f"{name} {version}" for name, version in report.versions.items())
+    cpu = report.cpu_model or "unknown CPU"
+    return f"measured with {versions} on {cpu} ({report.cpus} CPUs available)"
 
 
 def _report_change(row: SourceReport, field: str) -> str:

@@ -36,8 +36,6 @@ Facts about saved programs this module relies on (coremltools 9):
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
 import math
@@ -50,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mobileone_cli.errors import BadArtifactError, ExportFailedError, UnsupportedOpError, UsageError
+from mobileone_cli.quiet import captured
 
 if TYPE_CHECKING:
     import numpy as np
@@ -207,7 +206,9 @@ def quiet_coremltools() -> Iterator[None]:
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        # Descriptor-level: importing coremltools imports torchao, whose C++ loader and
+        # torch's C++ logging write to descriptor 2, which redirect_stderr cannot see.
+        with warnings.catch_warnings(), captured():
             warnings.filterwarnings("ignore", message=_TRACE_DEPRECATED, category=DeprecationWarning)
             warnings.filterwarnings("ignore", message=".*has been renamed")
             warnings.filterwarnings("ignore", message=_TEMPORARY_DIRECTORY,

@@ -129,13 +129,15 @@ class FoldOptions:
     force: bool = False
     dtype: str = "float32"
     """dtype of the written weights; the fold itself is always float64."""
+    gates: Gates = field(default_factory=Gates)
+    """Only the cost gates apply: a float16/bfloat16 file is a reduced precision."""
 
     def as_export(self) -> ExportOptions:
         """The same job as the pipeline's options."""
         return ExportOptions(
             source=self.checkpoint, targets=("safetensors",), output=self.output,
             force=self.force, rtol=self.rtol, inputs_dir=self.inputs_dir,
-            input_size=self.input_size, ema=self.ema,
+            input_size=self.input_size, ema=self.ema, gates=self.gates,
             safetensors=SafetensorsOptions(layout=self.layout, dtype=self.dtype),
         )
 

@@ -119,10 +119,26 @@ def _detect_format(path: Path) -> str:
         return "safetensors"
     if head[0] == _PICKLE_PROTO:
         return "torch-legacy"
+    if lfs_pointer(path):
+        raise BadCheckpointError(f"{path} is a Git LFS pointer, not the checkpoint itself",
+                                 hint="run `git lfs pull` to fetch the file")
     raise BadCheckpointError(
         f"{path} is not a PyTorch or safetensors checkpoint (unrecognised content)",
         hint="mobileone reads files written by torch.save (.pth, .pth.tar, .pt, .bin) "
              "and .safetensors files")
+
+
+LFS_POINTER_START = b"version https://git-lfs.github.com/spec/"
+
+
+def lfs_pointer(path: Path) -> bool:
+    """Whether `path` is a Git LFS pointer (a clone without `git lfs pull`), not the file."""
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(512)  # a pointer is about 130 bytes
+    except OSError:
+        return False
+    return head.startswith(LFS_POINTER_START) and b"\noid sha256:" in head
 
 
 def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ from mobileone_cli.options import DEFAULT_REPORT_SIZE, ReportOptions
 from mobileone_cli.reader import RawCheckpoint
 from mobileone_cli.repvit import ModelSpec
 from mobileone_cli.results import MAC_CONVENTION
+from mobileone_cli.versions import stack_versions
 
 if TYPE_CHECKING:
     import torch
@@ -224,16 +226,41 @@ def measure_latency(
 
     `run` must do the whole inference (its input prepared beforehand, as the
     runners below do), so the figure is the model's time and nothing else.
+    Several models are timed together, in rounds, by `time_interleaved`.
+    """
+    [seconds] = time_interleaved([run], runs=runs, warmup=warmup)
+    return latency_of(seconds, runtime=runtime, model=model, batch=batch, size=size,
+                      threads=threads)
+
+
+def time_interleaved(runners: Sequence[Callable[[], object]], *, runs: int, warmup: int
+                     ) -> list[list[float]]:
+    """Seconds of each runner's `runs` timed calls, taken in interleaved rounds.
+
+    Each round calls every runner once, starting one further along each time,
+    so a busy moment of the machine lands on all models alike instead of
+    skewing whichever model was being timed in its own block of runs, and no
+    model always runs first (caches, frequency steps). `warmup` untimed rounds
+    come first.
     """
     if runs < 1:
         raise UsageError(f"runs must be at least 1, got {runs}", hint="pass --runs 1 or more")
     for _ in range(warmup):
-        run()
-    seconds = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
+        for run in runners:
+            run()
+    seconds: list[list[float]] = [[] for _ in runners]
+    for round_index in range(runs):
+        for offset in range(len(runners)):
+            index = (round_index + offset) % len(runners)
+            start = time.perf_counter()
+            runners[index]()
+            seconds[index].append(time.perf_counter() - start)
+    return seconds
+
+
+def latency_of(seconds: Sequence[float], *, runtime: str, model: str, batch: int,
+               size: tuple[int, int], threads: int) -> Latency:
+    """Median, p90 and throughput of timed calls, each taking `batch` images."""
     median_ms = statistics.median(seconds) * 1000
     return Latency(
         runtime=runtime,
@@ -241,9 +268,9 @@ def measure_latency(
         batch=batch,
         size=size,
         threads=threads,
-        runs=runs,
+        runs=len(seconds),
         median_ms=median_ms,
-        p90_ms=percentile(seconds, 0.9) * 1000,
+        p90_ms=percentile(list(seconds), 0.9) * 1000,
         images_per_second=batch * 1000 / median_ms if median_ms > 0 else math.inf,
     )
 
@@ -391,6 +418,10 @@ class Report:
     """CPUs this process may run on."""
     load_average: float | None = None
     """The system's 1-minute load average when measuring began (None where unknown)."""
+    versions: dict[str, str] = field(default_factory=dict)
+    """Versions of python and the runtimes present (torch, onnxruntime, numpy): they set speed."""
+    cpu_model: str | None = None
+    """The processor's name (/proc/cpuinfo's "model name", else the platform's), None if unknown."""
 
     @property
     def exit_code(self) -> int:
@@ -408,12 +439,15 @@ class Report:
             "mac_convention": MAC_CONVENTION,
             "batch": self.batch,
             "size": list(self.size),
-            "threads": self.threads,
+            # A thread count describes timing; nothing was timed without latency.
+            "threads": self.threads if self.latency_measured else None,
             "runs": self.runs,
             "warmup": self.warmup,
             "latency_measured": self.latency_measured,
             "cpus": self.cpus,
             "load_average": self.load_average,
+            "cpu_model": self.cpu_model,
+            "versions": dict(self.versions),
             "sources": [row.to_dict() for row in self.rows],
         }
 
@@ -421,7 +455,9 @@ class Report:
 def report_sources(options: ReportOptions) -> Report:
     """Measure every source with the same batch, size and thread count.
 
-    Torch's process-wide thread count is restored afterwards.
+    Every model of every source is built first, then all are timed together
+    in interleaved rounds (see `time_interleaved`). Torch's process-wide
+    thread count is restored afterwards.
     """
     import torch
 
@@ -430,12 +466,64 @@ def report_sources(options: ReportOptions) -> Report:
     previous_threads = torch.get_num_threads()
     threads = options.threads or previous_threads
     try:
-        rows = tuple(_report_source(path, options, threads=threads) for path in options.sources)
+        planned = [_report_source(path, options, threads=threads) for path in options.sources]
+        rows = _timed(planned, options, threads=threads)
     finally:
         torch.set_num_threads(previous_threads)
     return Report(rows=rows, batch=options.batch, size=options.size, threads=threads,
                   runs=options.runs, warmup=options.warmup, latency_measured=options.latency,
-                  cpus=_cpus(), load_average=load_average)
+                  cpus=_cpus(), load_average=load_average, versions=runtime_versions(),
+                  cpu_model=cpu_model())
+
+
+@dataclass(frozen=True)
+class TimedModel:
+    """One model to time: the runtime that runs it, its name in the report, one inference."""
+
+    runtime: str
+    model: str
+    run: Callable[[], object]
+
+
+def _timed(planned: Sequence[tuple[SourceReport, tuple[TimedModel, ...]]],
+           options: ReportOptions, *, threads: int) -> tuple[SourceReport, ...]:
+    """The rows with their latency, every model of every row timed in the same rounds."""
+    models = [model for _, timed in planned for model in timed]
+    if not models:
+        return tuple(row for row, _ in planned)
+    seconds = iter(time_interleaved([model.run for model in models], runs=options.runs,
+                                    warmup=options.warmup))
+    rows = []
+    for row, timed in planned:
+        latency = tuple(
+            latency_of(next(seconds), runtime=model.runtime, model=model.model,
+                       batch=options.batch, size=options.size, threads=threads)
+            for model in timed
+        )
+        rows.append(replace(row, latency=latency))
+    return tuple(rows)
+
+
+RUNTIME_PACKAGES = ("torch", "onnxruntime", "numpy")
+
+
+def runtime_versions() -> dict[str, str]:
+    """Versions of python and of each runtime package present, by distribution metadata."""
+    versions = stack_versions(RUNTIME_PACKAGES)
+    del versions["mobileone"]
+    return versions
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The processor's name: Linux's "model name" line, else what `platform` knows."""
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
+                return " ".join(value.split())
+    except OSError:
+        pass  # not Linux: fall back on the platform module
+    return platform.processor() or platform.machine() or None
 
 
 def _cpus() -> int:
@@ -465,40 +553,44 @@ def _check_options(options: ReportOptions) -> None:
                              hint=f"pass --{name} {least} or more")
 
 
-def _report_source(path: Path, options: ReportOptions, *, threads: int) -> SourceReport:
+def _report_source(path: Path, options: ReportOptions, *, threads: int
+                   ) -> tuple[SourceReport, tuple[TimedModel, ...]]:
+    """One row without latency, and the models to time for it (none without --latency)."""
     if path.suffix.lower() == ONNX_SUFFIX:
         return _report_onnx(path, options, threads=threads)
     return _report_checkpoint(load_checkpoint(path), options, threads=threads)
 
 
 def _report_checkpoint(loaded: LoadedCheckpoint, options: ReportOptions, *, threads: int
-                       ) -> SourceReport:
+                       ) -> tuple[SourceReport, tuple[TimedModel, ...]]:
     spec = loaded.spec
     train_spec = None if spec.is_folded else spec
-    latency: list[Latency] = []
+    timed: list[TimedModel] = []
     if options.latency:
+        # All models stay in memory until every one is timed: the price of interleaving.
         if train_spec is not None:
-            train_model = build_model(spec, loaded.state)
-            latency.append(_time_torch(train_model, "train", options, threads=threads))
-            del train_model  # one model in memory at a time
+            timed.append(_torch_model(build_model(spec, loaded.state), "train", options,
+                                      threads=threads))
             fused_model = build_model(spec.folded(), fold_state(spec, loaded.state))
         else:
             fused_model = build_model(spec, loaded.state)
-        latency.append(_time_torch(fused_model, "fused", options, threads=threads))
-    return SourceReport(
+        timed.append(_torch_model(fused_model, "fused", options, threads=threads))
+    row = SourceReport(
         source=loaded.source,
         kind="train-time" if train_spec else "folded",
         variant=loaded.variant,
         train=_complexity(train_spec, options) if train_spec else None,
         fused=_complexity(spec.folded(), options),
-        latency=tuple(latency),
+        latency=(),
         file_bytes=loaded.source.stat().st_size,
         train_stages=_stages(train_spec, options) if train_spec else None,
         fused_stages=_stages(spec.folded(), options),
     )
+    return row, tuple(timed)
 
 
-def _report_onnx(path: Path, options: ReportOptions, *, threads: int) -> SourceReport:
+def _report_onnx(path: Path, options: ReportOptions, *, threads: int
+                 ) -> tuple[SourceReport, tuple[TimedModel, ...]]:
     """An ONNX file: onnxruntime latency; params from its initializers; MACs by mapping back.
 
     When the initializers carry a folded MobileOne's key names (Apple's, timm's
@@ -510,29 +602,27 @@ def _report_onnx(path: Path, options: ReportOptions, *, threads: int) -> SourceR
     initializers, metadata = _read_onnx(path)
     params = sum(int(value.numel()) for value in initializers.values())
     loaded = _map_back(path, initializers)
-    latency: list[Latency] = []
+    timed: list[TimedModel] = []
     if options.latency:
         if loaded is not None:
-            fused_model = build_model(loaded.spec, loaded.state)
-            latency.append(_time_torch(fused_model, "fused", options, threads=threads))
-            del fused_model
+            timed.append(_torch_model(build_model(loaded.spec, loaded.state), "fused", options,
+                                      threads=threads))
         runner = onnx_runner(path, batch=options.batch, size=options.size, threads=threads)
-        latency.append(measure_latency(runner, runtime=RUNTIME_ONNX, model="onnx",
-                                       batch=options.batch, size=options.size, threads=threads,
-                                       runs=options.runs, warmup=options.warmup))
+        timed.append(TimedModel(runtime=RUNTIME_ONNX, model="onnx", run=runner))
     fused = None
     if loaded is not None:
         fused = Complexity(params=params, macs=_complexity(loaded.spec, options).macs)
-    return SourceReport(
+    row = SourceReport(
         source=path,
         kind="onnx",
         variant=loaded.variant if loaded else metadata.get("mobileone.variant", "unknown"),
         train=None,
         fused=fused,
-        latency=tuple(latency),
+        latency=(),
         file_bytes=path.stat().st_size,
         fused_stages=_stages(loaded.spec, options) if loaded else None,
     )
+    return row, tuple(timed)
 
 
 def _complexity(spec: ModelSpec, options: ReportOptions) -> Complexity:
@@ -576,12 +666,10 @@ def _map_back(path: Path, initializers: dict[str, torch.Tensor]) -> LoadedCheckp
     return loaded if loaded.is_folded else None
 
 
-def _time_torch(model: torch.nn.Module, name: str, options: ReportOptions, *, threads: int
-                ) -> Latency:
+def _torch_model(model: torch.nn.Module, name: str, options: ReportOptions, *, threads: int
+                 ) -> TimedModel:
     runner = torch_runner(model, batch=options.batch, size=options.size, threads=threads)
-    return measure_latency(runner, runtime=RUNTIME_TORCH, model=name, batch=options.batch,
-                           size=options.size, threads=threads, runs=options.runs,
-                           warmup=options.warmup)
+    return TimedModel(runtime=RUNTIME_TORCH, model=name, run=runner)
 
 
 def _stage_list(stages: tuple[StageComplexity, ...] | None) -> list[dict[str, Any]] | None:

@@ -52,7 +52,9 @@ def bundle(s0_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def test_bundle_holds_every_artifact_a_manifest_and_a_summary(bundle: Path) -> None:
     names = sorted(path.name for path in bundle.iterdir())
     assert names == ["manifest.json", "mobileone_s0.mlpackage", "mobileone_s0.onnx",
-                     "mobileone_s0.safetensors", "summary.md"]
+                     "mobileone_s0.ort", "mobileone_s0.pte",
+                     "mobileone_s0.required_operators.config", "mobileone_s0.safetensors",
+                     "mobileone_s0.tflite", "summary.md"]
     assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]
 
 
@@ -118,7 +120,9 @@ def test_verify_manifest_checks_hashes_and_numbers(bundle: Path, s0_checkpoint: 
                           s0_checkpoint, "--json")
     report = json.loads(stdout)
     assert code == 0 and report["passed"]
-    assert len(report["verifications"]) == 3 and all(h["passed"] for h in report["hashes"])
+    # Six targets, each re-proven in its own runtime; seven files hashed (the ORT config too).
+    assert len(report["verifications"]) == 6 and all(h["passed"] for h in report["hashes"])
+    assert len(report["hashes"]) == 8  # and the source checkpoint's
 
 
 def test_verify_manifest_catches_a_changed_artifact(bundle: Path, tmp_path: Path) -> None:

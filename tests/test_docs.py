@@ -47,8 +47,18 @@ def test_every_command_and_option_is_documented(name: str) -> None:
     command = main.commands[name]
     assert command.help, f"{name} has no help text"
     for parameter in command.params:
-        if isinstance(parameter, click.Option):
+        if isinstance(parameter, click.Option) and parameter.hidden:
+            # The global options every command also takes after its name: documented once.
+            assert parameter.opts in [option.opts for option in main.params], parameter.opts
+            assert all(opt in command_reference_intro() for opt in parameter.opts)
+        elif isinstance(parameter, click.Option):
             assert any(opt in text for opt in parameter.opts), f"{name}: {parameter.opts} undocumented"
+
+
+def command_reference_intro() -> str:
+    match = re.search(r"^## Command reference\n(.*?)(?=^###)", README, re.DOTALL | re.MULTILINE)
+    assert match, "README has no '## Command reference' section"
+    return match.group(1)
 
 
 def _json_of(*args: str) -> dict[str, Any]:
@@ -87,3 +97,35 @@ def test_exit_codes_table_matches_the_code() -> None:
 
 def test_changelog_has_an_unreleased_section() -> None:
     assert "## [Unreleased]" in CHANGELOG
+
+
+def exit_codes_section() -> str:
+    match = re.search(r"^## Exit codes\n(.*?)(?=^## )", README, re.DOTALL | re.MULTILINE)
+    assert match, "README has no '## Exit codes' section"
+    return match.group(1)
+
+
+def test_documented_error_object_is_the_emitted_one(tmp_path: Path) -> None:
+    """The README's `{"error": {...}}` keys, and its promise of one JSON object on stdout."""
+    documented = re.search(r'`(\{"error": \{.*?\}\})`', " ".join(exit_codes_section().split()))
+    assert documented, "the Exit codes section does not show the error object"
+    keys = set(re.findall(r'"([a-z]+)":', documented.group(1)))
+    for arguments, code in ((["fold", "--json"], errors.EXIT_USAGE),
+                            (["inspect", str(tmp_path), "--json"], errors.EXIT_USAGE),
+                            (["inspect", "--jsn", "x"], errors.EXIT_USAGE)):
+        result = CliRunner().invoke(main, arguments)
+        assert result.exit_code == code
+        if "--json" in arguments:
+            payload = json.loads(result.stdout)
+            assert set(payload) == {"error"} and set(payload["error"]) | {"error"} == keys
+            assert payload["error"]["code"] == code
+        lines = result.stderr.strip().splitlines()
+        assert lines[0].startswith("error: ") and all(
+            line.startswith(("error: ", "hint: ")) for line in lines), result.stderr
+
+
+def test_documented_usage_exit_code_covers_clicks_errors() -> None:
+    row = re.search(r"^\| 2 \| (.*) \|$", README, re.MULTILINE)
+    assert row, "no exit code 2 row"
+    for case in ("unknown option", "missing argument", "bad choice", "does not exist"):
+        assert case in row.group(1), case

@@ -491,8 +491,8 @@ def check_outcome(code: int, stdout: str, stderr: str, left: list[str], verdict:
         assert left == ["folded.safetensors"], left
     else:
         assert left == [], f"exit {code} left files behind: {left}"
-    if code == 1:
-        assert stdout == "", stdout
+    if code == 1:  # --json: the error object, and nothing else, on stdout
+        assert json.loads(stdout)["error"]["code"] == 1, stdout
         lines = stderr.splitlines()
         assert lines and lines[0].startswith("error: "), stderr
         assert all(line.startswith(("error: ", "hint: ")) for line in lines), stderr

@@ -43,9 +43,9 @@ from mobileone_cli.export.runtimes import (
     pip_extra,
     quiet,
     read_embedded_metadata,
-    version_of,
 )
 from mobileone_cli.results import Declared
+from mobileone_cli.versions import version_of
 
 if TYPE_CHECKING:
     import numpy as np
@@ -164,7 +164,7 @@ def _declared(path: Path, meta: Any, document: dict[str, Any], details: dict[str
                                  hint="pass a .pte of a model, written by mobileone")
     dtype = _DTYPES.get(int(inputs[0].dtype()), f"scalar type {inputs[0].dtype()}")
     return Declared(
-        runtime=f"executorch {version_of('executorch')}",
+        runtime=f"executorch {version_of('executorch') or 'unknown'}",
         input_name=(document.get("input") or {}).get("name", "input"),
         input_shape=tuple(int(size) for size in inputs[0].sizes()),
         output_names=((document.get("output") or {}).get("name", "output"),

@@ -53,10 +53,10 @@ from mobileone_cli.export.runtimes import (
     pip_extra,
     quiet,
     read_embedded_metadata,
-    version_of,
 )
 from mobileone_cli.options import LiteRTOptions
 from mobileone_cli.results import Declared
+from mobileone_cli.versions import version_of
 
 if TYPE_CHECKING:
     import numpy as np
@@ -292,7 +292,7 @@ def _declared(path: Path, interpreter: Any, entries: dict[str, bytes]) -> Declar
     operators = Counter(op["op_name"] for op in listing())
     runtime_version = entries.get("min_runtime_version", b"").rstrip(b"\0").decode() or None
     return Declared(
-        runtime=f"ai-edge-litert {version_of('ai-edge-litert')}",
+        runtime=f"ai-edge-litert {version_of('ai-edge-litert') or 'unknown'}",
         input_name=input_name,
         input_shape=shape,
         output_names=tuple(signature["outputs"]),

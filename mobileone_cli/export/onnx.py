@@ -31,6 +31,7 @@ from mobileone_cli import __version__
 from mobileone_cli.errors import BadArtifactError, ExportFailedError
 from mobileone_cli.export.backend import Candidate, WriteContext, check_fits, first_line, in_chunks
 from mobileone_cli.options import OnnxOptions
+from mobileone_cli.quiet import captured
 from mobileone_cli.results import Declared
 from mobileone_cli.validation import check_onnx_file
 
@@ -123,18 +124,39 @@ def _trace(model: torch.nn.Module, path: Path, *, options: OnnxOptions, input_si
         warnings.filterwarnings("ignore", message=_LEGACY_EXPORTER_WARNING,
                                 category=DeprecationWarning)
         warnings.filterwarnings("ignore", module=_TORCH_ONNX_MODULES, category=DeprecationWarning)
-        torch.onnx.export(
-            model,
-            (example,),
-            path,
-            input_names=[INPUT_NAME],
-            output_names=[output_name],
-            dynamic_axes={INPUT_NAME: input_axes, output_name: output_axes} if input_axes else None,
-            opset_version=options.opset,
-            do_constant_folding=True,
-            training=torch.onnx.TrainingMode.EVAL,
-            dynamo=False,
-        )
+        # torch.onnx prints its whole IR graph from C++ when it fails: keep it off our output.
+        with captured() as output:
+            try:
+                torch.onnx.export(
+                    model,
+                    (example,),
+                    path,
+                    input_names=[INPUT_NAME],
+                    output_names=[output_name],
+                    dynamic_axes=({INPUT_NAME: input_axes, output_name: output_axes}
+                                  if input_axes else None),
+                    opset_version=options.opset,
+                    do_constant_folding=True,
+                    training=torch.onnx.TrainingMode.EVAL,
+                    dynamo=False,
+                )
+            except Exception as error:  # torch.onnx raises RuntimeError, ValueError, TypeError...
+                raise ExportFailedError(
+                    f"torch.onnx could not export the model: {output.last_line(error)}",
+                    hint=_opset_hint(options.opset),
+                ) from error
+
+
+def _opset_hint(opset: int) -> str:
+    """Which opsets this torch's TorchScript exporter writes, when torch says (a private name)."""
+    import torch.onnx
+
+    constants = getattr(torch.onnx, "_constants", None)
+    highest = getattr(constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", None)
+    if isinstance(highest, int) and opset > highest:
+        return (f"torch {torch.__version__} exports opsets up to {highest}; "
+                f"pass --opset {highest} or lower")
+    return "run with --debug for the converter's whole output; the default --opset 17 is tested"
 
 
 def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -49,10 +49,10 @@ from mobileone_cli.export.runtimes import (
     converting,
     missing_modules,
     quiet,
-    version_of,
 )
 from mobileone_cli.options import OnnxOptions
 from mobileone_cli.results import Declared
+from mobileone_cli.versions import version_of
 
 if TYPE_CHECKING:
     import numpy as np
@@ -268,7 +268,7 @@ def open(path: Path) -> Candidate:
     metadata = session.get_modelmeta()
     config = config_path(path)
     declared = Declared(
-        runtime=f"onnxruntime {version_of('onnxruntime')}",
+        runtime=f"onnxruntime {version_of('onnxruntime') or 'unknown'}",
         input_name=model_input.name,
         input_shape=tuple(size if isinstance(size, int) else str(size) for size in expected),
         output_names=tuple(output.name for output in session.get_outputs()),

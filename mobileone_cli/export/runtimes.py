@@ -23,7 +23,6 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from importlib import metadata as distributions
 from importlib import util as importing
 from typing import TYPE_CHECKING, Any
 
@@ -168,14 +167,6 @@ def missing_modules(modules: Sequence[str], *, target: str, install: str) -> str
 def pip_extra(extra: str) -> str:
     """The command that installs one of our extras."""
     return f'pip install "mobileone-cli[{extra}]"'
-
-
-def version_of(distribution: str) -> str:
-    """The installed version of a pip distribution, "unknown" when it is not installed."""
-    try:
-        return distributions.version(distribution)
-    except distributions.PackageNotFoundError:
-        return "unknown"
 
 
 def embedded_metadata(context: WriteContext, *, layout: str) -> str:
