@@ -57,3 +57,7 @@ class ExportFailedError(MobileOneError):
 
 class UnsupportedOpError(ExportFailedError):
     """An exported program uses an op (or op feature) the numpy evaluator cannot check."""
+
+
+class BadInputError(MobileOneError):
+    """Input data the user points at cannot be used (an empty or unreadable image folder)."""

@@ -6,7 +6,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,6 +73,17 @@ def sha256_path(path: Path) -> str:
     for file in files:
         if path.is_dir():
             digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as stream:
+            while chunk := stream.read(CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_files(root: Path, files: Sequence[Path]) -> str:
+    """sha256 of a list of files under `root`: each sorted relative path, then its contents."""
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
         with file.open("rb") as stream:
             while chunk := stream.read(CHUNK):
                 digest.update(chunk)
