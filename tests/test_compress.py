@@ -285,13 +285,17 @@ def test_onnx_w8a8_keep_float_and_methods(onnx_fp32: Path, calibration: ImageSet
     with pytest.raises(UsageError, match="needs calibration images"):
         compress.compress_onnx(onnx_fp32, tmp_path / "x.onnx", mode="w8a8")
     result = compress.compress_onnx(onnx_fp32, tmp_path / "q.onnx", mode="w8a8",
-                                    calibration=calibration.array[:8], method="percentile",
-                                    keep_float=["linear"])
-    assert result.calibration_method == "percentile" and result.kept_float == ("linear",)
+                                    calibration=calibration.array[:8], method="percentile")
+    assert result.calibration_method == "percentile" and result.calibration_count == 8
     graph = onnx.load(str(tmp_path / "q.onnx")).graph
     quantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
     assert any("stage0.reparam_conv.weight" in name for name in quantized)
-    assert not any(name.startswith("linear.weight") for name in quantized)
+    assert any("linear.weight" in name for name in quantized)
+    # onnxruntime's optimizer re-quantizes kept-float layers of a QDQ graph (measured).
+    with pytest.raises(UsageError, match="onnxruntime re-quantizes the kept layers"):
+        compress.compress_onnx(onnx_fp32, tmp_path / "k.onnx", mode="w8a8",
+                               calibration=calibration.array[:8], keep_float=["linear"])
+    assert not (tmp_path / "k.onnx").exists()
 
 
 # --- Costs on the trained digits --------------------------------------------------------

@@ -9,6 +9,7 @@ and compared with torch running the same fake-quantized or palettized weights.
 from __future__ import annotations
 
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -276,8 +277,8 @@ def corrupt_first_palette(package: Path) -> None:
                 lut.blobFileValue.fileName, lut.blobFileValue.offset, "fp32", shape)
             blob = bytearray(weights.read_bytes())
             raw = np.ascontiguousarray(values[..., ::-1, :]).astype(np.float32).tobytes()
-            # Blob data starts after its 64-byte metadata header at `offset`.
-            start = lut.blobFileValue.offset + 64
+            # `offset` points at the blob's metadata record; its bytes 16-24 hold the data offset.
+            (start,) = struct.unpack_from("<Q", blob, lut.blobFileValue.offset + 16)
             blob[start : start + len(raw)] = raw
             weights.write_bytes(bytes(blob))
             return
