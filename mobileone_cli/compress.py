@@ -58,6 +58,11 @@ DEFAULT_CALIBRATION_METHOD = "minmax"
 # Palettes are per grouped channel: each group of 16 output channels shares one table
 # (coremltools' recommendation for iOS 18; a per-tensor palette is the broken baseline).
 PALETTE_GROUP_SIZE = 16
+# Smaller kernels stay fp16 in the palettized modes (coremltools' own default threshold): a
+# depthwise 3x3 kernel of 16 channels holds 144 weights, fewer than one 256-entry palette, so
+# palettizing it makes the package larger (measured on S0: pal8 3.47 MB with every layer
+# palettized, against 2.19 MB for w8).
+PALETTE_MIN_WEIGHTS = 2048
 
 
 @dataclass(frozen=True)
@@ -168,7 +173,8 @@ class CompressionResult:
     target: str
     mode: str
     compressed_layers: tuple[str, ...]
-    """Folded layer names (`stage1.0.reparam_conv`, `linear` ...) stored compressed."""
+    """Folded layer names (`stage1.0.reparam_conv`, `linear` ...) stored compressed; the
+    others stay float (kept, or too small to gain from a palette: `PALETTE_MIN_WEIGHTS`)."""
     kept_float: tuple[str, ...]
     """Layers the user asked to keep in float."""
     calibration_method: str | None
@@ -233,7 +239,7 @@ def compress_coreml(
         op_config = optimize.OpPalettizerConfig(
             nbits=int(mode.removeprefix("pal")), mode="kmeans",
             granularity="per_grouped_channel", group_size=PALETTE_GROUP_SIZE,
-            weight_threshold=0,
+            weight_threshold=PALETTE_MIN_WEIGHTS,
         )
     config = optimize.OptimizationConfig(
         global_config=op_config,
@@ -243,12 +249,14 @@ def compress_coreml(
         compressed = (optimize.linear_quantize_weights(model, config) if mode in ("w8", "w8a8")
                       else optimize.palettize_weights(model, config))
         compressed.save(str(destination))
-    counts = summarize_program(destination).op_counts
-    if not any(op.startswith("constexpr_") for op in counts):
+    # A weight still held by a const op was left float (kept, or below the size threshold).
+    still_float = _coreml_weight_consts(destination)
+    compressed_layers = tuple(layer for layer in weights if layer not in still_float)
+    if not compressed_layers:
         raise ExportFailedError(f"coremltools compressed no weight of {package} as {mode}")
     return CompressionResult(
         target="coreml", mode=mode,
-        compressed_layers=tuple(layer for layer in weights if layer not in keep),
+        compressed_layers=compressed_layers,
         kept_float=keep, calibration_method="minmax" if calibration is not None else None,
         calibration_count=0 if calibration is None else len(calibration),
     )

@@ -199,10 +199,15 @@ def test_coreml_palettes_have_at_most_2_to_the_bits_values_per_group(
 ) -> None:
     _, _, folded_spec, folded = digits_model
     path = tmp_path / "pal4.mlpackage"
-    compress.compress_coreml(packages["fp16"], path, mode="pal4")
+    result = compress.compress_coreml(packages["fp16"], path, mode="pal4")
     batch = heldout.array[::60]
     decompressed = compress.decompressed_weights(path, sample=batch[:1])
-    assert len(decompressed) >= 40
+    # Only kernels of 2048+ weights are palettized; smaller ones would grow with a palette.
+    assert set(decompressed) == set(result.compressed_layers)
+    large = {key.removesuffix(".weight") for key, value in folded.items()
+             if key.endswith(".weight") and value.numel() >= compress.PALETTE_MIN_WEIGHTS}
+    # coremltools 9 leaves one of them (stage3.1) fp16 without saying why; the result says so.
+    assert set(decompressed) <= large and len(decompressed) >= len(large) - 1 >= 10
     for layer, weight in decompressed.items():
         groups = weight.reshape(-1, compress.PALETTE_GROUP_SIZE, *weight.shape[1:]) \
             if len(weight) % compress.PALETTE_GROUP_SIZE == 0 else weight[None]
