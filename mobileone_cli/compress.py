@@ -230,7 +230,13 @@ def compress_coreml(
     weights = _coreml_weight_consts(package)
     keep = check_keep_float(keep_float, list(weights))
     if mode == "w8a8":
-        model = _quantize_activations(model, package, calibration)
+        try:
+            model = _quantize_activations(model, package, calibration)
+        except ValueError as error:  # e.g. an fp32 program: the passes write fp16 scales
+            raise ExportFailedError(
+                f"coremltools could not insert int8 activations: {_first_line(error)}",
+                hint="Core ML w8a8 needs a package converted at --precision fp16 for iOS17+",
+            ) from error
     if mode in ("w8", "w8a8"):
         op_config: Any = optimize.OpLinearQuantizerConfig(
             mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=0
@@ -245,10 +251,16 @@ def compress_coreml(
         global_config=op_config,
         op_name_configs={const: None for layer in keep for const in weights[layer]},
     )
-    with _quiet():
-        compressed = (optimize.linear_quantize_weights(model, config) if mode in ("w8", "w8a8")
-                      else optimize.palettize_weights(model, config))
-        compressed.save(str(destination))
+    try:
+        with _quiet():
+            compressed = (optimize.linear_quantize_weights(model, config)
+                          if mode in ("w8", "w8a8") else optimize.palettize_weights(model, config))
+            compressed.save(str(destination))
+    except (ValueError, AssertionError, NotImplementedError) as error:
+        raise ExportFailedError(
+            f"coremltools could not compress {package.name} as {mode}: {_first_line(error)}",
+            hint=f"convert for {info.minimum_deployment_target} or later",
+        ) from error
     # A weight still held by a const op was left float (kept, or below the size threshold).
     still_float = _coreml_weight_consts(destination)
     compressed_layers = tuple(layer for layer in weights if layer not in still_float)
@@ -611,6 +623,10 @@ def palette_error(folded: Mapping[str, np.ndarray], decompressed: Mapping[str, n
         step = spread / (2**bits)
         errors[layer] = float(np.abs(np.asarray(weight, np.float64) - reference).max() / step)
     return errors
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def _quiet() -> Any:

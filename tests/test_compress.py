@@ -23,7 +23,7 @@ from mobileone_cli.cost import (
     PrecisionCost,
     precision_cost,
 )
-from mobileone_cli.errors import UsageError
+from mobileone_cli.errors import ExportFailedError, UsageError
 from mobileone_cli.export import coreml as coreml_export
 from mobileone_cli.export import onnx as onnx_export
 from mobileone_cli.fold import fold_state
@@ -234,6 +234,11 @@ def test_coreml_w8a8_calibrates_off_a_mac_on_every_image(
     assert "logits" not in ranges and "image" in ranges
     with pytest.raises(UsageError, match="needs calibration images"):
         compress.compress_coreml(packages["fp16"], tmp_path / "x.mlpackage", mode="w8a8")
+    with pytest.raises(ExportFailedError, match="could not insert int8 activations") as caught:
+        compress.compress_coreml(packages["fp32"], tmp_path / "x.mlpackage", mode="w8a8",
+                                 calibration=calibration.array[:1])
+    assert "--precision fp16" in (caught.value.hint or "")
+    assert not (tmp_path / "x.mlpackage").exists()
     result = compress.compress_coreml(packages["fp16"], tmp_path / "w8a8.mlpackage",
                                       mode="w8a8", calibration=calibration.array[:4])
     assert result.calibration_count == 4
