@@ -291,6 +291,7 @@ def test_onnx_w8_is_the_fake_quantized_model(onnx_fp32: Path, digits_model: tupl
 def test_onnx_w8a8_keep_float_and_methods(onnx_fp32: Path, calibration: ImageSet,
                                           tmp_path: Path) -> None:
     import onnx
+    from onnx import numpy_helper
 
     with pytest.raises(UsageError, match="needs calibration images"):
         compress.compress_onnx(onnx_fp32, tmp_path / "x.onnx", mode="w8a8")
@@ -301,6 +302,15 @@ def test_onnx_w8a8_keep_float_and_methods(onnx_fp32: Path, calibration: ImageSet
     quantized = {node.input[0] for node in graph.node if node.op_type == "DequantizeLinear"}
     assert any("stage0.reparam_conv.weight" in name for name in quantized)
     assert any("linear.weight" in name for name in quantized)
+    # Entropy is a real KL search, not MinMax (quantize_static's own bins make it MinMax).
+    for method in ("minmax", "entropy"):
+        compress.compress_onnx(onnx_fp32, tmp_path / f"{method}.onnx", mode="w8a8",
+                               calibration=calibration.array[:8], method=method)
+    scales = [{item.name: numpy_helper.to_array(item).tolist()
+               for item in onnx.load(str(tmp_path / f"{method}.onnx")).graph.initializer
+               if item.name.endswith("Relu_output_0_scale")} for method in ("minmax", "entropy")]
+    assert scales[0].keys() == scales[1].keys() and len(scales[0]) >= 40
+    assert sum(scales[0][name] != scales[1][name] for name in scales[0]) > len(scales[0]) // 2
     # onnxruntime's optimizer re-quantizes kept-float layers of a QDQ graph (measured).
     with pytest.raises(UsageError, match="onnxruntime re-quantizes the kept layers"):
         compress.compress_onnx(onnx_fp32, tmp_path / "k.onnx", mode="w8a8",
