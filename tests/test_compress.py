@@ -450,3 +450,16 @@ def reverse_palette(package: Path) -> None:
     (start,) = struct.unpack_from("<Q", blob, lut.blobFileValue.offset + 16)
     blob[start : start + len(raw)] = raw
     weights.write_bytes(bytes(blob))
+
+
+def test_the_compression_modules_import_nothing_heavy() -> None:
+    """The CLI can consult the mode table and refuse a mode before torch or numpy loads."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mobileone_cli.compress, mobileone_cli.cost, mobileone_cli.calibration; "
+            "print(sorted({'numpy', 'torch', 'coremltools', 'onnx', 'onnxruntime', 'PIL'} "
+            "& set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent, check=True)
+    assert result.stdout.strip() == "[]"
