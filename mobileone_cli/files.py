@@ -18,7 +18,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -276,10 +276,15 @@ def sha256_path(path: Path) -> str:
     """
     if not path.is_dir():
         return _sha256_file(path)
-    files = sorted((p for p in path.rglob("*") if p.is_file()),
-                   key=lambda p: p.relative_to(path).as_posix().encode())
-    listing = "".join(f"{_sha256_file(file)}  {file.relative_to(path).as_posix()}\n"
-                      for file in files)
+    return sha256_files(path, [p for p in path.rglob("*") if p.is_file()])
+
+
+def sha256_files(root: Path, files: Sequence[Path]) -> str:
+    """The sha256 of the `sha256sum` listing of `files` under `root`, sorted by path as bytes
+    (a folder's hash, and a calibration set's: the same scheme, see `sha256_path`)."""
+    ordered = sorted(files, key=lambda p: p.relative_to(root).as_posix().encode())
+    listing = "".join(f"{_sha256_file(file)}  {file.relative_to(root).as_posix()}\n"
+                      for file in ordered)
     return hashlib.sha256(listing.encode()).hexdigest()
 
 

@@ -131,6 +131,40 @@ MANIFEST_V2: dict[str, Any] = {
 SCHEMAS: dict[str, dict[str, Any]] = {SCHEMA_V1: MANIFEST_V1, SCHEMA_V2: MANIFEST_V2}
 
 
+def json_schema(version: str = SCHEMA_V2) -> dict[str, Any]:
+    """The manifest schema `version` as a JSON Schema (draft 2020-12) document.
+
+    Generated from the same data `validate` reads, so the file shipped beside this
+    module (`manifest.schema.json`, kept equal by tests/test_manifest_schema.py) lets
+    a pipeline in any language check a manifest as `verify --manifest` does.
+    """
+    document = _json_schema(SCHEMAS[version])
+    document["properties"]["schema"] = {"const": version}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"https://mobileone.invalid/{version}", "title": f"mobileone manifest ({version})",
+            **document}
+
+
+def _json_schema(schema: Any) -> dict[str, Any]:
+    if isinstance(schema, dict):
+        return {"type": "object", "required": sorted(schema),
+                "properties": {key: _json_schema(inner) for key, inner in schema.items()}}
+    if isinstance(schema, Nullable):
+        return {"anyOf": [{"type": "null"}, _json_schema(schema.inner)]}
+    if isinstance(schema, ListOf):
+        return {"type": "array", "items": _json_schema(schema.item),
+                **({"minItems": schema.min_items} if schema.min_items else {})}
+    if isinstance(schema, MapOf):
+        inner = {} if schema.value is object else {"additionalProperties": _json_schema(schema.value)}
+        return {"type": "object", **inner}
+    if isinstance(schema, Pattern):
+        return {"type": "string", "pattern": f"^(?:{schema.regex})$"}
+    if isinstance(schema, OneOf):
+        return {"enum": list(schema.choices)}
+    named = {NUMBER: "number", int: "integer", str: "string", bool: "boolean"}
+    return {"type": named[schema]}
+
+
 def validate(value: Any, schema: Any, *, where: str) -> None:
     """Raise ManifestError naming the first key of `value` that does not match `schema`."""
     if isinstance(schema, dict):

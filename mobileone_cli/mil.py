@@ -107,12 +107,38 @@ def run_program(package: Path, inputs: dict[str, np.ndarray], *,
     if arithmetic not in ARITHMETICS:
         raise ValueError(f"arithmetic must be one of {ARITHMETICS}, not {arithmetic!r}")
     program = _read_program(package)
+    values = _run(program, inputs, widen=arithmetic == "fp32")
+    return {name: values[name] for name in program.block.outputs}
+
+
+def trace_program(package: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Evaluate like `run_program`, but return every value the program computes, by name.
+
+    The inputs, then the output of every op that is not a `const` (compressed
+    weights decompressed by `constexpr_*` ops included), in program order. This
+    is what activation calibration needs: the range each intermediate tensor
+    takes, under the names the program gives them.
+    """
+    program = _read_program(package)
+    values = _run(program, inputs)
+    constants = {
+        output.name
+        for op in program.block.operations
+        if op.type == "const"
+        for output in op.outputs
+    }
+    return {name: value for name, value in values.items() if name not in constants}
+
+
+def _run(program: _Program, inputs: Mapping[str, np.ndarray], *,
+         widen: bool = False) -> dict[str, Any]:
+    """Every value the program computes, by name (see `run_program` for `widen`)."""
     _check_supported(program)
     values = _bind_inputs(program, inputs)
     weights = _WeightFiles(program.model_dir)
     for op in program.block.operations:
-        _evaluate(op, values, weights, widen=arithmetic == "fp32")
-    return {name: values[name] for name in program.block.outputs}
+        _evaluate(op, values, weights, widen=widen)
+    return values
 
 
 # --- Reading the package ----------------------------------------------------------------
@@ -131,7 +157,13 @@ class _Program:
     block: Any  # MIL_pb2.Block, the function's body for its opset
 
 
-def _read_program(package: Path) -> _Program:
+def read_spec(package: Path) -> Any:
+    """The package's root model (a `Model_pb2.Model`), read without writing anything.
+
+    coremltools' `load_spec` opens a package through libmodelpackage, which saves
+    `Manifest.json` again when it closes (same bytes, a new modification time):
+    `verify` must not touch what it verifies, so the manifest is read as JSON here.
+    """
     with quiet_coremltools():
         from coremltools.proto import Model_pb2
     from google.protobuf.message import DecodeError
@@ -145,6 +177,12 @@ def _read_program(package: Path) -> _Program:
             f"cannot read the Core ML model {model_file}: {error}",
             hint="write the package again with coremltools' MLModel.save",
         ) from error
+    return spec
+
+
+def _read_program(package: Path) -> _Program:
+    model_file = _root_model_file(package)
+    spec = read_spec(package)
     kind = spec.WhichOneof("Type")
     if kind != "mlProgram":
         raise BadArtifactError(
@@ -219,8 +257,15 @@ def quiet_coremltools() -> Iterator[None]:
             logger.setLevel(level)
 
 
-# MIL dtype -> _BlobStorageReader method. fp16 comes back as raw uint16 bits.
+# MIL dtype -> _BlobStorageReader method. fp16 comes back as raw uint16 bits; sub-byte types
+# (compressed weights: palette indices, int4 data) come back unpacked, one element per byte.
 _BLOB_READERS = {
+    "uint1": "read_uint1_data",
+    "uint2": "read_uint2_data",
+    "uint3": "read_uint3_data",
+    "uint4": "read_uint4_data",
+    "uint6": "read_uint6_data",
+    "int4": "read_int4_data",
     "fp16": "read_fp16_data",
     "fp32": "read_float_data",
     "int8": "read_int8_data",
@@ -271,6 +316,12 @@ class _WeightFiles:
 
 # MIL proto DataType names -> the names MIL itself prints (`fp16`, `int32`, ...).
 _DTYPE_NAMES = {
+    "UINT1": "uint1",
+    "UINT2": "uint2",
+    "UINT3": "uint3",
+    "UINT4": "uint4",
+    "UINT6": "uint6",
+    "INT4": "int4",
     "BOOL": "bool",
     "STRING": "string",
     "FLOAT16": "fp16",
@@ -300,6 +351,16 @@ _NUMPY_DTYPES = {
     "uint16": "uint16",
     "uint32": "uint32",
     "uint64": "uint64",
+}
+# Sub-byte storage types of compressed weights -> (bits, signed). They are read into the
+# smallest numpy integer that holds them, one element per byte (uint8, or int8 for int4).
+_SUB_BYTE_DTYPES = {
+    "uint1": (1, False),
+    "uint2": (2, False),
+    "uint3": (3, False),
+    "uint4": (4, False),
+    "uint6": (6, False),
+    "int4": (4, True),
 }
 UNKNOWN_DIMENSION = "?"
 
@@ -359,12 +420,34 @@ def _immediate_tensor(tensor: Any, dtype: str, shape: tuple[int, ...], *, where:
     if field == "strings":
         strings = [str(item) for item in tensor.strings.values]
         return strings[0] if shape == () else np.array(strings).reshape(shape)
+    if dtype in _SUB_BYTE_DTYPES and field == "bytes":
+        return _unpack_bits(tensor.bytes.values, dtype, shape)
     numpy_dtype = _numpy_dtype(dtype, where=where)
     if field == "bytes":
         # fp16, int8 and uint8 values are stored as their raw little-endian bytes.
         return np.frombuffer(tensor.bytes.values, dtype=numpy_dtype).reshape(shape).copy()
     items = getattr(tensor, str(field)).values  # floats, doubles, ints, longInts, bools
     return np.array(list(items), dtype=numpy_dtype).reshape(shape)
+
+
+def _unpack_bits(packed: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Sub-byte elements packed as MIL packs them: from each byte's least significant bit up.
+
+    An element may straddle two bytes (6-bit indices); its low bits come first. Signed
+    types (int4) are two's complement within their bits.
+    """
+    import numpy as np
+
+    bits, signed = _SUB_BYTE_DTYPES[dtype]
+    count = math.prod(shape)
+    stream = np.unpackbits(np.frombuffer(packed, dtype=np.uint8), bitorder="little")
+    if stream.size < count * bits:
+        raise ExportFailedError(f"a packed {dtype} constant holds fewer than {count} elements")
+    fields = stream[: count * bits].reshape(count, bits).astype(np.int16)
+    values = (fields << np.arange(bits, dtype=np.int16)).sum(axis=1)
+    if signed:
+        values = np.where(values >= 1 << (bits - 1), values - (1 << bits), values)
+    return values.astype(np.int8 if signed else np.uint8).reshape(shape)
 
 
 def _bind_inputs(program: _Program, inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -398,6 +481,7 @@ def _shape_matches(actual: tuple[int, ...], declared: tuple[int | str, ...]) -> 
 # --- Evaluating ops ---------------------------------------------------------------------
 
 _REQUIRED = object()
+_CONSTEXPR = "constexpr_"
 
 
 @dataclass(frozen=True)
@@ -447,14 +531,16 @@ def _evaluate(op: Any, values: dict[str, Any], weights: _WeightFiles, *, widen: 
         value = _value(op.attributes["val"], weights, where=f"const '{output}'")
         values[output] = _widened(value) if widen else value
         return
-    call = _Op(
-        type=op.type,
-        output=output,
-        inputs={
-            key: tuple(_argument(binding, values, weights, op.type) for binding in arg.arguments)
-            for key, arg in op.inputs.items()
-        },
-    )
+    arguments = {
+        key: tuple(_argument(binding, values, weights, op.type) for binding in arg.arguments)
+        for key, arg in op.inputs.items()
+    }
+    if op.type.startswith(_CONSTEXPR):
+        # iOS 16's constexpr ops keep their parameters in attributes, iOS 18's in inputs.
+        for key, attribute in op.attributes.items():
+            if key != "name" and key not in arguments:
+                arguments[key] = (_value(attribute, weights, where=f"{op.type} '{output}'"),)
+    call = _Op(type=op.type, output=output, inputs=arguments)
     if widen and op.type == "cast" and str(call.arg("dtype")) == "fp16":
         values[output] = _widened(call.arg("x"))
         return
@@ -777,6 +863,144 @@ def _classify(op: _Op) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(np.argmax(probabilities.reshape(-1))), probabilities
 
 
+# --- Compressed weights and quantized activations ----------------------------------------
+# Semantics from coremltools 9's op definitions (mil/ops/defs/iOS16/constexpr_ops.py,
+# iOS17/quantization_ops.py, iOS18/compression.py) and the reference arithmetic they call
+# (coremltools.optimize._utils): dequantizing computes in float32 and rounds once to the
+# output dtype; quantizing divides in the input's dtype, rounds half to even, adds the zero
+# point and clips to the output type's range.
+
+
+def _along_axis(parameter: np.ndarray, rank: int, axis: int | None) -> np.ndarray:
+    """A scalar or per-axis vector parameter shaped to broadcast against a rank-`rank` tensor."""
+    import numpy as np
+
+    parameter = np.asarray(parameter)
+    if parameter.ndim == 0 or parameter.ndim == rank:
+        return parameter
+    if axis is None:
+        raise ExportFailedError("a vector scale or zero point comes without an axis")
+    shape = [1] * rank
+    shape[axis % rank] = parameter.size
+    return parameter.reshape(shape)
+
+
+def _affine_dequantize(
+    data: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int | None
+) -> np.ndarray:
+    """scale * (data - zero_point), in float32; `_conform` rounds to the scale's dtype."""
+    import numpy as np
+
+    result = np.asarray(data).astype(np.float32)
+    if zero_point is not None:
+        result = result - _along_axis(zero_point, result.ndim, axis).astype(np.float32)
+    return result * _along_axis(scale, result.ndim, axis).astype(np.float32)
+
+
+def _optional_axis(op: _Op) -> int | None:
+    axis = op.arg("axis", None)
+    return None if axis is None else int(axis)
+
+
+def _constexpr_affine_dequantize(op: _Op) -> np.ndarray:
+    """iOS 16: int8/uint8 weights with a scalar or per-axis scale and zero point."""
+    return _affine_dequantize(
+        op.arg("quantized_data"), op.arg("scale"), op.arg("zero_point"), int(op.arg("axis"))
+    )
+
+
+def _repeat_blocks(parameter: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Each entry of a block-wise parameter repeated over its block of a `shape` tensor."""
+    import numpy as np
+
+    if parameter.ndim != len(shape) or any(
+        size % blocks for size, blocks in zip(shape, parameter.shape, strict=True)
+    ):
+        raise ExportFailedError(
+            f"a block-wise parameter of shape {parameter.shape} does not tile data of {shape}"
+        )
+    for axis, (size, blocks) in enumerate(zip(shape, parameter.shape, strict=True)):
+        parameter = np.repeat(parameter, size // blocks, axis=axis)
+    return parameter
+
+
+def _constexpr_blockwise_shift_scale(op: _Op) -> np.ndarray:
+    """iOS 18: scale[block] * (data - offset[block]); blocks tile the data along every axis."""
+    import numpy as np
+
+    data = np.asarray(op.arg("data")).astype(np.float32)
+    scale = _repeat_blocks(np.asarray(op.arg("scale")), data.shape).astype(np.float32)
+    offset = op.arg("offset", None)
+    if offset is not None:
+        data = data - _repeat_blocks(np.asarray(offset), data.shape).astype(np.float32)
+    return scale * data
+
+
+def _constexpr_lut_to_dense(op: _Op) -> np.ndarray:
+    """Palettized weights: each index replaced by its entry in the look-up table.
+
+    iOS 16: one table (a vector of 2^bits entries), indices packed into uint8 bytes
+    and the output `shape` given. iOS 18: indices of a sub-byte type with the output's
+    shape, and a table of rank K + 2 (one table per block of the first K axes, then
+    2^bits entries of VECTOR_SIZE values).
+    """
+    import numpy as np
+
+    lut = np.asarray(op.arg("lut"))
+    if "shape" in op.inputs:
+        shape = tuple(int(size) for size in op.arg("shape"))
+        bits = round(math.log2(lut.size))
+        packed = np.asarray(op.arg("indices"), dtype=np.uint8).tobytes()
+        indices = _unpack_bits(packed, f"uint{bits}", shape) if bits < 8 else (
+            np.frombuffer(packed, dtype=np.uint8)[: math.prod(shape)].reshape(shape)
+        )
+        return lut[indices.astype(np.int64)]
+    indices = np.asarray(op.arg("indices")).astype(np.int64)
+    if lut.ndim != indices.ndim + 2:
+        raise ExportFailedError(f"{op.where()}: lut rank {lut.ndim} != indices rank + 2")
+    if lut.shape[-1] != 1:
+        raise UnsupportedOpError(f"{op.where()} uses vector palettization, which the evaluator lacks")
+    # One table per block: repeat each table over its block, then pick index per element.
+    tables = _repeat_blocks(lut[..., 0], (*indices.shape, lut.shape[-2]))
+    return np.take_along_axis(tables, indices[..., None], axis=-1)[..., 0]
+
+
+def _constexpr_cast(op: _Op) -> np.ndarray:
+    import numpy as np
+
+    dtype = _numpy_dtype(str(op.arg("output_dtype")), where=op.where())
+    return np.asarray(op.arg("source_val")).astype(dtype)
+
+
+_INTEGER_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
+
+
+def _quantize(op: _Op) -> np.ndarray:
+    """clip(round(input / scale) + zero_point) to int8 or uint8; round half to even."""
+    import numpy as np
+
+    output_dtype = str(op.arg("output_dtype"))
+    if output_dtype not in _INTEGER_RANGES:
+        raise UnsupportedOpError(f"{op.where()} quantizes to {output_dtype}")
+    x = np.asarray(op.arg("input"))
+    axis = _optional_axis(op)
+    # The division happens in the input's dtype (fp16 or fp32), as coremltools computes it.
+    quantized = np.around(x / _along_axis(op.arg("scale"), x.ndim, axis).astype(x.dtype))
+    zero_point = op.arg("zero_point", None)
+    quantized = quantized.astype(np.float32)
+    if zero_point is not None:
+        quantized = quantized + _along_axis(zero_point, x.ndim, axis).astype(np.float32)
+    low, high = _INTEGER_RANGES[output_dtype]
+    return np.clip(quantized, low, high).astype(output_dtype)
+
+
+def _dequantize(op: _Op) -> np.ndarray:
+    """scale * (input - zero_point), computed in float32 and rounded to the scale's dtype."""
+    return _affine_dequantize(
+        op.arg("input"), op.arg("scale"), op.arg("zero_point", None), _optional_axis(op)
+    )
+
+
 _OPS: dict[str, Callable[[_Op], Any]] = {
     "add": _add,
     "avg_pool": _avg_pool,
@@ -784,12 +1008,18 @@ _OPS: dict[str, Callable[[_Op], Any]] = {
     "cast": _cast,
     "classify": _classify,
     "concat": _concat,
+    "constexpr_affine_dequantize": _constexpr_affine_dequantize,
+    "constexpr_blockwise_shift_scale": _constexpr_blockwise_shift_scale,
+    "constexpr_cast": _constexpr_cast,
+    "constexpr_lut_to_dense": _constexpr_lut_to_dense,
     "conv": _conv,
+    "dequantize": _dequantize,
     "expand_dims": _expand_dims,
     "gelu": _gelu,
     "linear": _linear,
     "matmul": _matmul,
     "mul": _mul,
+    "quantize": _quantize,
     "real_div": _real_div,
     "reduce_mean": _reduce_mean,
     "relu": _relu,

@@ -13,6 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `fixtures` and `tests.faults` import from the checkout
 
+from fixtures.digits import Digits  # noqa: E402
+from fixtures.digits import build as build_digits  # noqa: E402
 from fixtures.generate import canonical_state, state_in_layout  # noqa: E402
 
 REFERENCE = Path(os.environ.get("MOBILEONE_REFERENCE", ROOT.parent / "shared" / "reference"))
@@ -62,3 +64,9 @@ def make_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> CheckpointFacto
 @pytest.fixture(scope="session")
 def s0_checkpoint(make_checkpoint: CheckpointFactory) -> Path:
     return make_checkpoint("s0", "apple")
+
+
+@pytest.fixture(scope="session")
+def digits() -> Digits:
+    """The MobileOne trained on scikit-learn's digits (about a minute once; cached on disk)."""
+    return build_digits()

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from mobileone_cli import __version__
 from mobileone_cli.errors import BadArtifactError, ExportFailedError, OutputError, UsageError
 from mobileone_cli.export.backend import Candidate, WriteContext, check_fits, first_line, in_chunks
-from mobileone_cli.mil import quiet_coremltools, run_program, summarize_program
+from mobileone_cli.mil import quiet_coremltools, read_spec, run_program, summarize_program
 from mobileone_cli.options import CoreMLOptions
 from mobileone_cli.proof.inputs import IMAGENET_MEAN, IMAGENET_STD
 from mobileone_cli.results import Declared
@@ -332,10 +332,9 @@ def describe(path: Path) -> PackageDescription:
     """Read a saved `.mlpackage`'s input, precision and kind without evaluating it."""
     summary = summarize_program(path)
     with quiet_coremltools():
-        import coremltools as ct
         from coremltools.proto import MIL_pb2
 
-        spec = ct.utils.load_spec(str(path))
+    spec = read_spec(path)
     described = {feature.name: feature for feature in spec.description.input}
     if INPUT_NAME not in described or len(summary.inputs) != 1:
         raise BadArtifactError(f"{path} does not take one input named '{INPUT_NAME}'",
@@ -464,10 +463,7 @@ def _image_preprocessing(mean: tuple[float, ...], std: tuple[float, ...]) -> tor
 
 def _normalisation(path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The mean and std recorded in the package's metadata; ImageNet's where none is."""
-    with quiet_coremltools():
-        import coremltools as ct
-
-        metadata = ct.utils.load_spec(str(path)).description.metadata.userDefined
+    metadata = read_spec(path).description.metadata.userDefined
     try:
         return (tuple(json.loads(metadata["mobileone.mean"])),
                 tuple(json.loads(metadata["mobileone.std"])))
