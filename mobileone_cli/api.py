@@ -17,14 +17,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from mobileone_cli.checkpoint import load_checkpoint
+from mobileone_cli.errors import UsageError
 from mobileone_cli.export import pipeline
 from mobileone_cli.options import ExportOptions, FoldOptions, Gates, ReportOptions, VerifyOptions
 from mobileone_cli.report import Report, report_sources
 from mobileone_cli.results import ArtifactCheck, ExportResult, ManifestCheck, ModelSummary
-from mobileone_cli.synthetic import make_checkpoint
+from mobileone_cli.synthetic import make_checkpoint, make_repvit_checkpoint
 
 Progress = pipeline.Progress
 DEMO_SEED = 0
+DEMO_FAMILIES = ("mobileone", "repvit")
+"""What `demo --family` builds: a MobileOne S0 (Apple layout) or a RepViT m0_9 (timm's)."""
 
 
 def _quiet(message: str) -> None:
@@ -63,11 +66,20 @@ def report(options: ReportOptions) -> Report:
     return report_sources(options)
 
 
-def demo(output_dir: Path, *, progress: Progress = _quiet) -> ExportResult:
-    """Generate the seeded train-time S0 checkpoint the tests use, then fold it."""
+def demo(output_dir: Path, *, family: str = "mobileone",
+         progress: Progress = _quiet) -> ExportResult:
+    """Generate a seeded train-time checkpoint (the tests' generator), then fold it."""
+    if family not in DEMO_FAMILIES:
+        raise UsageError(f"unknown family '{family}'", hint=f"choose {' or '.join(DEMO_FAMILIES)}")
     output_dir.mkdir(parents=True, exist_ok=True)
-    progress("building a seeded S0 checkpoint")
-    checkpoint = make_checkpoint(output_dir / "mobileone_s0_train.pth", variant="s0",
-                                 seed=DEMO_SEED, wrapper="state_dict")
-    return fold(FoldOptions(checkpoint=checkpoint, output=output_dir / "mobileone_s0.safetensors",
-                            force=True), progress=progress)
+    if family == "repvit":
+        progress("building a seeded RepViT m0_9 checkpoint")
+        checkpoint = make_repvit_checkpoint(output_dir / "repvit_m0_9_train.pth", seed=DEMO_SEED,
+                                            wrapper="model")
+        output = output_dir / "repvit_m0_9.safetensors"
+    else:
+        progress("building a seeded S0 checkpoint")
+        checkpoint = make_checkpoint(output_dir / "mobileone_s0_train.pth", variant="s0",
+                                     seed=DEMO_SEED, wrapper="state_dict")
+        output = output_dir / "mobileone_s0.safetensors"
+    return fold(FoldOptions(checkpoint=checkpoint, output=output, force=True), progress=progress)

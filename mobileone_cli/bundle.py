@@ -23,6 +23,7 @@ from mobileone_cli.results import ExportResult, HashCheck, format_number, signif
 from mobileone_cli.versions import stack_versions
 
 SCHEMA = SCHEMA_V2
+_FAMILY_NAMES = {"mobileone": "MobileOne", "repvit": "RepViT"}
 RECORDED_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "coremltools", "numpy",
                      "executorch", "litert-torch", "ai-edge-litert")
 
@@ -101,7 +102,8 @@ def render_summary(manifest: dict[str, Any]) -> str:
     source = manifest["source"]
     classes = model["num_classes"] if model["num_classes"] is not None else "headless"
     lines = [
-        f"## MobileOne {model['variant'].upper()} release bundle",
+        f"## {_FAMILY_NAMES.get(model.get('family', 'mobileone'), 'MobileOne')} "
+        f"{model['variant'].upper()} release bundle",
         "",
         (f"Source `{source['name']}` (sha256 `{source['sha256'][:12]}`, {source['layout']} layout), "
          f"{classes} classes, input {'x'.join(map(str, manifest['input']['shape']))}."),

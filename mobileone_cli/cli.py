@@ -76,6 +76,7 @@ DEMO_CHECKPOINT = "mobileone-demo/mobileone_s0_train.pth"
 # after `mobileone demo`, each works as written (tests/test_contract.py parses every one).
 EXAMPLES: dict[str, tuple[str, ...]] = {
     "demo": ("mobileone demo",
+             "mobileone demo --family repvit -o repvit-demo",
              "mobileone demo -o /tmp/mobileone-demo --json"),
     "inspect": (f"mobileone inspect {DEMO_CHECKPOINT}",
                 f"mobileone inspect {DEMO_CHECKPOINT} --json"),
@@ -488,17 +489,20 @@ def inspect_command(ctx: click.Context, checkpoint: Path, ema: bool, json_mode: 
               help="Key naming of the output (default: the checkpoint's own).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file (never a folder, "
               "never an input).")
+@click.option("--keep-distillation-head", is_flag=True,
+              help="RepViT: keep both classifiers (averaged at run time) instead of folding "
+                   "them into one Linear.")
 @cost_gate_options
 @json_option
 @click.pass_context
 def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float | None,
                  inputs_dir: Path | None, input_size: int, layout: str | None, ema: bool,
-                 dtype: str, force: bool, min_cosine: float, min_agreement: float,
-                 json_mode: bool) -> None:
+                 dtype: str, force: bool, keep_distillation_head: bool, min_cosine: float,
+                 min_agreement: float, json_mode: bool) -> None:
     """Fold CHECKPOINT, prove it equivalent, and write safetensors."""
     options = FoldOptions(checkpoint=checkpoint, output=output, rtol=rtol, inputs_dir=inputs_dir,
                           input_size=input_size, layout=layout, ema=ema, force=force,
-                          dtype=dtype.lower(),
+                          dtype=dtype.lower(), keep_distillation_head=keep_distillation_head,
                           gates=Gates(min_cosine=min_cosine, min_agreement=min_agreement))
     run_and_render(ctx, json_mode=json_mode, activity="folding and verifying",
                    call=lambda update: api.fold(options, progress=update),
@@ -551,6 +555,9 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
               "export size; takes 3e8 or 300M.")
 @click.option("--max-size-mb", type=POSITIVE,
               help="Gate: fail when any artifact is larger (MB of 10^6 bytes).")
+@click.option("--keep-distillation-head", is_flag=True,
+              help="RepViT: keep both classifiers (averaged at run time) instead of folding "
+                   "them into one Linear.")
 @cost_gate_options
 @json_option
 @click.pass_context
@@ -562,7 +569,7 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
                    model_version: str | None, author: str | None, license_text: str | None,
                    max_params: float | None, max_macs: float | None, max_size_mb: float | None,
                    min_cosine: float, min_agreement: float, required: str,
-                   channels_last: bool, json_mode: bool) -> None:
+                   channels_last: bool, keep_distillation_head: bool, json_mode: bool) -> None:
     """Export SOURCE to ONNX and/or Core ML, each verified against the train-time model.
 
     SOURCE is a train-time checkpoint (folded and verified on the way) or a
@@ -577,6 +584,7 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
                     min_cosine=min_cosine, min_agreement=min_agreement),
         command=ctx.meta.get(ARGUMENTS_KEY, ()),
         required=tuple(name.strip().lower() for name in required.split(",") if name.strip()),
+        keep_distillation_head=keep_distillation_head,
         safetensors=SafetensorsOptions(layout=layout, dtype=dtype),
         tflite=LiteRTOptions(channels_last=channels_last),
         onnx=OnnxOptions(opset=opset, dynamic_batch=dynamic_batch, dynamic_size=dynamic_size,
@@ -641,20 +649,27 @@ def verify_command(ctx: click.Context, artifact: Path | None, manifest: Path | N
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("mobileone-demo"), show_default=True,
               help="Folder for the generated checkpoint and the folded model.")
+@click.option("--family", type=click.Choice(["mobileone", "repvit"], case_sensitive=False),
+              default="mobileone", show_default=True,
+              help="What to build: a MobileOne S0 (Apple layout) or a RepViT m0_9 (timm's).")
 @json_option
 @click.pass_context
-def demo_command(ctx: click.Context, output_dir: Path, json_mode: bool) -> None:
-    """Build a seeded S0 checkpoint, fold and verify it: the whole job, no files needed."""
+def demo_command(ctx: click.Context, output_dir: Path, family: str, json_mode: bool) -> None:
+    """Build a seeded checkpoint (S0, or a RepViT m0_9), fold and verify it: no files needed."""
+    family = family.lower()
+    what = "RepViT m0_9" if family == "repvit" else "S0"
+
     def render(terminal: console.Terminal, result: Any) -> None:
-        terminal.info(f"generated a train-time S0 checkpoint at {result.summary.source}")
+        terminal.info(f"generated a train-time {what} checkpoint at {result.summary.source}")
         terminal.export_result(result)
         if result.exit_code == EXIT_OK:
             terminal.next_steps(demo_next_commands(
                 result.summary.source, result.artifacts[0].path, output_dir))
 
     run_and_render(ctx, json_mode=json_mode,
-                   activity="building a seeded S0 checkpoint, folding and verifying",
-                   call=lambda update: api.demo(output_dir, progress=update), render=render)
+                   activity=f"building a seeded {what} checkpoint, folding and verifying",
+                   call=lambda update: api.demo(output_dir, family=family, progress=update),
+                   render=render)
 
 
 def demo_next_commands(checkpoint: Path, folded: Path, output_dir: Path) -> tuple[str, ...]:

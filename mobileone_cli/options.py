@@ -103,6 +103,8 @@ class ExportOptions:
     """The command line, recorded in a bundle's manifest."""
     required: tuple[str, ...] = ()
     """Targets of `--to all` whose missing packages are an error, not a skip."""
+    keep_distillation_head: bool = False
+    """RepViT: keep both classifiers (averaged at run time) instead of one averaged Linear."""
     safetensors: SafetensorsOptions = field(default_factory=SafetensorsOptions)
     onnx: OnnxOptions = field(default_factory=OnnxOptions)
     coreml: CoreMLOptions = field(default_factory=CoreMLOptions)
@@ -131,6 +133,8 @@ class FoldOptions:
     """dtype of the written weights; the fold itself is always float64."""
     gates: Gates = field(default_factory=Gates)
     """Only the cost gates apply: a float16/bfloat16 file is a reduced precision."""
+    keep_distillation_head: bool = False
+    """RepViT: keep both classifiers (averaged at run time) instead of one averaged Linear."""
 
     def as_export(self) -> ExportOptions:
         """The same job as the pipeline's options."""
@@ -138,6 +142,7 @@ class FoldOptions:
             source=self.checkpoint, targets=("safetensors",), output=self.output,
             force=self.force, rtol=self.rtol, inputs_dir=self.inputs_dir,
             input_size=self.input_size, ema=self.ema, gates=self.gates,
+            keep_distillation_head=self.keep_distillation_head,
             safetensors=SafetensorsOptions(layout=self.layout, dtype=self.dtype),
         )
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from mobileone_cli.layouts import convert_key
 from mobileone_cli.model import instantiate
-from mobileone_cli.repvit import ModelSpec
+from mobileone_cli.repvit import REPVIT_VARIANTS, ModelSpec, build_repvit_spec
 from mobileone_cli.variants import VARIANTS, ArchitectureSpec, build_spec
 
 if TYPE_CHECKING:
@@ -72,19 +72,30 @@ def make_checkpoint(
     seed: int = 0,
     wrapper: str | None = None,
 ) -> Path:
-    """Write a train-time checkpoint as a training script would save it.
+    """Write a train-time MobileOne checkpoint as a training script would save it.
 
     `.safetensors` paths get a safetensors file; anything else a torch zip file,
     optionally wrapped under `wrapper` (e.g. "state_dict") next to an `epoch`.
     """
-    import torch
-    from safetensors.torch import save_file
-
     spec = spec or build_spec(VARIANTS[variant], num_classes=num_classes)
     state = {
         convert_key(key, source="apple", target=layout): value
         for key, value in make_train_state(spec, seed=seed).items()
     }
+    return _save(state, path, wrapper=wrapper)
+
+
+def make_repvit_checkpoint(path: Path, *, variant: str = "m0_9", num_classes: int | None = 1000,
+                           seed: int = 0, wrapper: str | None = None) -> Path:
+    """Write a train-time RepViT checkpoint in timm's layout (its canonical key names)."""
+    spec = build_repvit_spec(REPVIT_VARIANTS[variant], num_classes=num_classes)
+    return _save(make_train_state(spec, seed=seed), path, wrapper=wrapper)
+
+
+def _save(state: dict[str, torch.Tensor], path: Path, *, wrapper: str | None) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
     if path.suffix == ".safetensors":
         save_file(state, str(path))
     else:

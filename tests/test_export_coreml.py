@@ -34,7 +34,6 @@ from mobileone_cli.export import coreml
 from mobileone_cli.export import onnx as onnx_export
 from mobileone_cli.export.backend import WriteContext
 from mobileone_cli.export.coreml import (
-    STEM_WEIGHT,
     PackageDescription,
     describe,
     fold_std_into_stem,
@@ -56,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SMALL_SIZE = 96
 MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 WEIGHTS = Path("Data/com.apple.CoreML/weights/weight.bin")
+STEM_WEIGHT = "stage0.reparam_conv.weight"
 PROGRAM = Path("Data/com.apple.CoreML/model.mlmodel")
 
 

@@ -62,7 +62,6 @@ name = "coreml"
 suffix = ".mlpackage"
 extra = None
 INPUT_NAME = "image"
-STEM_WEIGHT = "stage0.reparam_conv.weight"
 PACKAGE_SUFFIX = ".mlpackage"
 MANIFEST = "Manifest.json"
 # Namespace of the package's item identifiers (uuid5 of each item's path): any fixed UUID works.
@@ -71,6 +70,7 @@ PRECISIONS = ("fp16", "fp32")
 # ML Programs exist from iOS 15 / macOS 12 (Core ML specification version 6) on.
 MLPROGRAM_MINIMUM_TARGET = "iOS15"
 PIXEL_RANGE = 255.0
+_FAMILY_NAMES = {"mobileone": "MobileOne", "repvit": "RepViT"}
 # coremltools names a classifier's outputs after `ClassifierConfig.predicted_feature_name`.
 LABEL_OUTPUT = "classLabel"
 PROBABILITIES_OUTPUT = f"{LABEL_OUTPUT}_probs"
@@ -223,21 +223,24 @@ def fold_std_into_stem(
 ) -> torch.nn.Module:
     """A copy of `model` that takes `x * std` (per channel) where `model` takes `x`.
 
-    The stem conv is linear in its input, so dividing its kernel's input
-    channel c by std[c] moves the division from the input into the weights;
-    the bias is untouched, and so is zero padding (0 * anything = 0).
-    `model` is not modified.
+    The stem conv (the first conv, which reads the image: MobileOne's
+    `stage0.reparam_conv`, RepViT's `stem.conv1`) is linear in its input, so
+    dividing its kernel's input channel c by std[c] moves the division from the
+    input into the weights; the bias is untouched, and so is zero padding
+    (0 * anything = 0). `model` is not modified.
     """
     import torch
 
-    state = model.state_dict()
-    if STEM_WEIGHT not in state:
-        raise UsageError("image input needs a folded MobileOne (no stage0.reparam_conv found)",
-                         hint="fold the checkpoint first, or export a tensor input")
-    weight = state[STEM_WEIGHT]
-    divisor = torch.tensor(std, dtype=torch.float64).reshape(1, -1, 1, 1)
     prepared = copy.deepcopy(model)
-    prepared.load_state_dict({**state, STEM_WEIGHT: (weight.double() / divisor).to(weight.dtype)})
+    stem = next((module for module in prepared.modules()
+                 if isinstance(module, torch.nn.Conv2d)
+                 and module.in_channels == len(std) and module.groups == 1), None)
+    if stem is None:
+        raise UsageError("image input needs a model whose first conv reads the 3 image channels",
+                         hint="export a tensor input")
+    divisor = torch.tensor(std, dtype=torch.float64).reshape(1, -1, 1, 1)
+    with torch.no_grad():
+        stem.weight.copy_((stem.weight.double() / divisor).to(stem.weight.dtype))
     return prepared.eval()
 
 
@@ -273,7 +276,8 @@ def _describe(
     mean, std = context.mean, context.std
     variant = metadata.get("mobileone.variant", "custom")
     mlmodel.short_description = options.description or (
-        f"MobileOne {variant.upper() if variant != 'custom' else variant} "
+        f"{_FAMILY_NAMES.get(context.family, context.family)} "
+        f"{variant.upper() if variant != 'custom' else variant} "
         f"folded by mobileone {__version__}"
     )
     for attribute in ("version", "author", "license"):

@@ -72,6 +72,8 @@ if TYPE_CHECKING:
     import torch
 
 Progress = Callable[[str], None]
+# What an output file's default name starts with, per family: mobileone_s0, repvit_m0_9.
+_FILE_PREFIX = {"mobileone": "mobileone", "repvit": "repvit"}
 # Reduced precisions and the torch dtype their weights are stored in.
 STORAGE_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
@@ -88,30 +90,39 @@ class FoldedModel:
     state: dict[str, torch.Tensor]
     reference: ReferenceRun
     verification: Verification
+    keep_distillation_head: bool = False
+    """A RepViT keeps both classifiers (averaged at run time) instead of one averaged Linear."""
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The folded model's spec."""
+        return self.loaded.spec.folded(keep_distillation_head=self.keep_distillation_head)
 
     def build(self) -> torch.nn.Module:
         """The folded model as an eval-mode float32 torch module."""
-        return build_model(self.loaded.spec.folded(), self.state)
+        return build_model(self.spec, self.state)
 
 
 def fold_and_prove(loaded: LoadedCheckpoint, *, rtol: float | None = None,
-                   inputs_dir: Path | None = None,
-                   input_size: int = DEFAULT_INPUT_SIZE) -> FoldedModel:
+                   inputs_dir: Path | None = None, input_size: int = DEFAULT_INPUT_SIZE,
+                   keep_distillation_head: bool = False) -> FoldedModel:
     """Fold `loaded` in float64, run the train-time reference once, prove the fold against it.
 
     An already-folded source has nothing to fold: its state is taken as it is,
     and the proof says so (its reference is the source itself).
     """
-    state = loaded.state if loaded.is_folded else fold_state(loaded.spec, loaded.state)
+    state = loaded.state if loaded.is_folded else fold_state(
+        loaded.spec, loaded.state, keep_distillation_head=keep_distillation_head)
     check_folded_finite(state)  # extreme weights are bad input, not a fold bug
     batches = image_inputs(inputs_dir, size=input_size) if inputs_dir else default_inputs(input_size)
     name = "the source itself (already folded)" if loaded.is_folded else "train-time fp32"
     reference = run_reference(loaded.spec, loaded.state, batches, name=name)
     check_reference_finite(reference.outputs_fp32)
-    folded_model = build_model(loaded.spec.folded(), state)
+    keep = keep_distillation_head and not loaded.is_folded
+    folded_model = build_model(loaded.spec.folded(keep_distillation_head=keep), state)
     verification = compare(reference, torch_runner(folded_model), rtol=rtol)
     return FoldedModel(loaded=loaded, state=state, reference=reference,
-                       verification=verification)
+                       verification=verification, keep_distillation_head=keep)
 
 
 def summarize(loaded: LoadedCheckpoint) -> ModelSummary:
@@ -277,7 +288,8 @@ def export(options: ExportOptions, *, progress: Progress = _quiet) -> ExportResu
         output_paths(options, backends, stem="")
     progress("reading checkpoint")
     loaded = load_checkpoint(options.source, ema=options.ema)
-    destination, paths = output_paths(options, backends, stem=f"mobileone_{loaded.variant}")
+    stem = f"{_FILE_PREFIX[loaded.spec.family]}_{loaded.variant}"
+    destination, paths = output_paths(options, backends, stem=stem)
     if options.output is None:
         _check_destination(destination, options, backends)
     labels = (read_labels(options.labels_file, num_classes=loaded.spec.num_classes)
@@ -285,7 +297,8 @@ def export(options: ExportOptions, *, progress: Progress = _quiet) -> ExportResu
     check_layout(options.safetensors.layout, loaded)
     progress("folding and proving the fold")
     folded = fold_and_prove(loaded, rtol=options.rtol, inputs_dir=options.inputs_dir,
-                            input_size=options.input_size)
+                            input_size=options.input_size,
+                            keep_distillation_head=options.keep_distillation_head)
     summary = summarize(loaded)
     if not folded.verification.passed:
         return ExportResult(summary, folded.verification, artifacts=(), written=False,
@@ -420,7 +433,7 @@ def check_gates(gates: Gates, folded: FoldedModel,
                 artifacts: tuple[Artifact, ...]) -> tuple[GateCheck, ...]:
     """Every size gate the user set, measured."""
     checks = []
-    spec = folded.loaded.spec.folded()
+    spec = folded.spec
     if gates.max_params is not None:
         checks.append(GateCheck("max_params", gates.max_params,
                                 count_parameters(build_shapes_only(spec)), "folded params"))
@@ -441,13 +454,14 @@ def _model_facts(folded: FoldedModel, options: ExportOptions) -> dict[str, objec
     size = (options.input_size, options.input_size)
     spec = loaded.spec
     return {
+        "family": loaded.spec.family,
         "variant": loaded.variant,
         "layout": options.safetensors.layout or loaded.layout,
         "num_classes": spec.num_classes,
         "params": {"train": count_parameters(build_shapes_only(spec)),
-                   "fused": count_parameters(build_shapes_only(spec.folded()))},
+                   "fused": count_parameters(build_shapes_only(folded.spec))},
         "macs": {"train": measure_complexity(build_shapes_only(spec), size=size).macs,
-                 "fused": measure_complexity(build_shapes_only(spec.folded()), size=size).macs,
+                 "fused": measure_complexity(build_shapes_only(folded.spec), size=size).macs,
                  "input_size": list(size)},
         "source": {"name": loaded.source.name, "bytes": size_of(loaded.source),
                    "sha256": loaded.sha256, "layout": loaded.layout,
