@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from mobileone_cli.checkpoint import LoadedCheckpoint, load_checkpoint, recognise
 from mobileone_cli.errors import EXIT_OK, BadCheckpointError, UsageError
+from mobileone_cli.export.registry import timing_backend
 from mobileone_cli.files import sha256_path
 from mobileone_cli.fold import fold_state
 from mobileone_cli.model import build_model, build_shapes_only
@@ -504,7 +505,7 @@ def _timed(planned: Sequence[tuple[SourceReport, tuple[TimedModel, ...]]],
     return tuple(rows)
 
 
-RUNTIME_PACKAGES = ("torch", "onnxruntime", "numpy")
+RUNTIME_PACKAGES = ("torch", "onnxruntime", "numpy", "executorch", "ai-edge-litert")
 
 
 def runtime_versions() -> dict[str, str]:
@@ -558,7 +559,40 @@ def _report_source(path: Path, options: ReportOptions, *, threads: int
     """One row without latency, and the models to time for it (none without --latency)."""
     if path.suffix.lower() == ONNX_SUFFIX:
         return _report_onnx(path, options, threads=threads)
+    on_device = timing_backend(str(path))
+    if on_device is not None:
+        return _report_on_device(path, on_device, options, threads=threads)
     return _report_checkpoint(load_checkpoint(path), options, threads=threads)
+
+
+def _report_on_device(path: Path, backend: Any, options: ReportOptions, *, threads: int
+                      ) -> tuple[SourceReport, tuple[TimedModel, ...]]:
+    """An on-device artifact (.pte, .tflite, .ort): timed in its own runtime, as written.
+
+    Its weights are in the runtime's own format, so params and MACs are not
+    counted here (report the checkpoint beside it for those); its input is the
+    fixed shape the file declares, which `--batch` and `--size` must match.
+    """
+    import numpy as np
+
+    declared = backend.open(path).declared
+    shape = tuple(declared.input_shape)
+    height, width = (shape[1:3] if declared.layout == "NHWC" else shape[2:4])
+    if (shape[0], height, width) != (options.batch, *options.size):
+        raise UsageError(f"{path} takes input {' x '.join(map(str, shape))}; batch "
+                         f"{options.batch} at {options.size[0]} x {options.size[1]} does not fit",
+                         hint=f"pass --batch {shape[0]} --size {height} {width}")
+    timed: list[TimedModel] = []
+    if options.latency:
+        runner = backend.timed_runner(path, threads=threads)
+        inputs = np.random.default_rng(INPUT_SEED).standard_normal(shape, dtype=np.float32)
+        runtime = declared.runtime.split(" ")[0]
+        timed.append(TimedModel(runtime=runtime, model=backend.name, run=lambda: runner(inputs)))
+    details = declared.details.get("metadata") or {}
+    variant = details.get("mobileone.variant", "unknown") if isinstance(details, dict) else "unknown"
+    row = SourceReport(source=path, kind=backend.name, variant=variant, train=None, fused=None,
+                       latency=(), file_bytes=path.stat().st_size)
+    return row, tuple(timed)
 
 
 def _report_checkpoint(loaded: LoadedCheckpoint, options: ReportOptions, *, threads: int

@@ -208,3 +208,22 @@ def test_a_missing_converter_names_the_pip_command(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     reason = backend.missing()
     assert reason == "the ort target needs the 'onnxruntime' package: pip install onnxruntime"
+
+
+def test_report_times_the_ort_file_in_its_own_runtime(
+    written: dict[str, tuple[Folded, Path]],
+) -> None:
+    from mobileone_cli.errors import UsageError
+    from mobileone_cli.options import ReportOptions
+    from mobileone_cli.report import report_sources
+
+    _folded, path = written["s0"]
+    report = report_sources(ReportOptions(sources=(path,), size=(SIZE, SIZE), runs=2, warmup=1,
+                                          threads=1))
+    [row] = report.rows
+    assert (row.kind, row.fused, row.file_bytes) == ("ort", None, path.stat().st_size)
+    [latency] = row.latency
+    assert (latency.runtime, latency.model) == ("onnxruntime", "ort") and latency.median_ms > 0
+    with pytest.raises(UsageError, match="does not fit") as refused:
+        report_sources(ReportOptions(sources=(path,), size=(SIZE + 32, SIZE + 32), latency=False))
+    assert refused.value.hint == f"pass --batch 1 --size {SIZE} {SIZE}"

@@ -7,6 +7,8 @@ the pipeline, `verify`, `verify --manifest` and `report` take it from there.
 
 from __future__ import annotations
 
+from typing import Any
+
 from mobileone_cli.errors import UsageError
 from mobileone_cli.export import coreml, executorch, litert, onnx, ort, safetensors
 from mobileone_cli.export.backend import Backend
@@ -25,6 +27,13 @@ def get_backend(name: str) -> Backend:
     except KeyError:
         raise UsageError(f"unknown export target '{name}'",
                          hint=f"--to takes {', '.join([*BACKENDS, 'all'])}") from None
+
+
+def timing_backend(path: str) -> Any | None:
+    """The backend of an on-device artifact `report` can time here (one that has a
+    `timed_runner(path, *, threads)`: ExecuTorch, LiteRT, ORT), by the path's suffix."""
+    backend = backend_for_path(path)
+    return backend if backend is not None and hasattr(backend, "timed_runner") else None
 
 
 def backend_for_path(path: str) -> Backend | None:
