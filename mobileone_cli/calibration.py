@@ -44,6 +44,7 @@ class ImageSet:
 
     @property
     def count(self) -> int:
+        """How many images the set holds."""
         return len(self.files)
 
     def manifest(self) -> dict[str, object]:

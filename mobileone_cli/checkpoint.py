@@ -82,10 +82,12 @@ class LoadedCheckpoint:
 
     @property
     def is_folded(self) -> bool:
+        """Whether the checkpoint holds an already-folded model."""
         return self.spec.is_folded
 
     @property
     def is_headless(self) -> bool:
+        """Whether the model has no classifier (a backbone)."""
         return self.spec.num_classes is None
 
 

@@ -148,6 +148,7 @@ class FinitePositive(click.FloatRange):
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> float:
+        """The checked value, or click's usage error carrying our message and hint."""
         number = super().convert(value, param, ctx)
         return _checked(finite_number, number, param, ctx, option=_option(param))
 
@@ -160,6 +161,7 @@ class InputSize(click.IntRange):
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> int:
+        """The checked value, or click's usage error carrying our message and hint."""
         size = super().convert(value, param, ctx)
         return _checked(check_input_size, size, param, ctx, option=_option(param))
 
@@ -171,6 +173,7 @@ class CoreMLTarget(click.ParamType):
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> str:
+        """The checked value, or click's usage error carrying our message and hint."""
         by_lower = {target.lower(): target for target in COREML_TARGETS}
         name = by_lower.get(str(value).strip().lower(), str(value))
         return _checked(check_coreml_target, name, param, ctx)
@@ -184,6 +187,7 @@ class LabelsFile(click.Path):
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Path:
+        """The checked value, or click's usage error carrying our message and hint."""
         path = Path(os.fsdecode(super().convert(value, param, ctx)))
         _checked(read_labels_file, path, param, ctx)
         return path

@@ -36,6 +36,8 @@ _CANONICAL_PARTS = (
 
 @dataclass(frozen=True)
 class Layout:
+    """One peer's key naming: how a block and each of its parts are spelled."""
+
     name: str
     stem_prefix: str
     stage_prefix: str
@@ -118,6 +120,7 @@ class YangjieLayout(Layout):
     """Block prefixes of shoutOutYangJie's layout: a pair of Apple blocks is one block."""
 
     def block_prefix(self, stage: int, block: int | None) -> str:
+        """The key prefix of a block in shoutOutYangJie's stage numbering."""
         if stage == 0 or block is None:
             return self.stem_prefix
         their_stage, pair = _yangjie_block(stage, block)
@@ -146,6 +149,7 @@ _LEAF = r"(?P<leaf>weight|bias|running_mean|running_var|num_batches_tracked)"
 
 
 def get_layout(name: str) -> Layout:
+    """The layout called `name`; KeyError for an unknown one."""
     return _LAYOUTS[name]
 
 
@@ -160,6 +164,7 @@ class KeyAddress:
     leaf: str
 
     def canonical_key(self) -> str:
+        """The key in the canonical (Apple) naming."""
         return render_key(self, get_layout("apple"))
 
 

@@ -120,6 +120,7 @@ class MobileOne(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits (or the last feature map of a headless backbone)."""
         x = self.stage0(x)
         for index in range(1, len(self.spec.stages) + 1):
             x = getattr(self, f"stage{index}")(x)

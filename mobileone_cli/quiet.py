@@ -49,6 +49,7 @@ class Captured:
         return text
 
     def close(self) -> None:
+        """Release the temporary file that held the native output."""
         self._text = self.text
         self._file.close()
 

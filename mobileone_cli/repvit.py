@@ -51,11 +51,14 @@ class RepVitDownsampleSpec:
 
     @property
     def in_channels(self) -> int:
+        """Channels the downsample takes in (those of its pre-block)."""
         return self.pre_block.channels
 
 
 @dataclass(frozen=True)
 class RepVitStageSpec:
+    """One stage of a RepViT: an optional downsample, then its blocks."""
+
     downsample: RepVitDownsampleSpec | None
     blocks: tuple[RepVitBlockSpec, ...]
 
@@ -77,6 +80,7 @@ class RepVitSpec:
 
     @property
     def feature_channels(self) -> int:
+        """Channels of the last stage's output, the classifier's input."""
         last = self.stages[-1]
         return last.blocks[-1].channels if last.blocks else _stage_out(last)
 
@@ -187,6 +191,7 @@ class Unit:
 
 
 def block_units(block: RepVitBlockSpec, prefix: str) -> Iterator[Unit]:
+    """The foldable units of one block, with their key prefixes."""
     yield Unit("mixer", f"{prefix}token_mixer.", block)
     if block.se_channels:
         yield Unit("se", f"{prefix}se.", block)

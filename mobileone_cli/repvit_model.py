@@ -47,6 +47,7 @@ class RepVggDepthwise(nn.Module):
         self.bn = None if legacy else nn.BatchNorm2d(channels, eps=BATCHNORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output on `x`."""
         out = self.conv(x) + self.conv1(x) + x
         return out if self.bn is None else self.bn(out)
 
@@ -60,6 +61,7 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Conv2d(bottleneck, channels, 1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output on `x`."""
         squeezed = x.mean(dim=(2, 3), keepdim=True)
         return x * torch.sigmoid(self.fc2(torch.relu(self.fc1(squeezed))))
 
@@ -74,6 +76,7 @@ class Mlp(nn.Module):
         self.conv2 = conv_unit(hidden, channels, 1, folded=folded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output on `x`."""
         return self.conv2(self.act(self.conv1(x)))
 
 
@@ -90,6 +93,7 @@ class Block(nn.Module):
         self.channel_mixer = Mlp(channels, spec.hidden_channels, folded=folded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output on `x`."""
         x = self.token_mixer(x)
         if self.se is not None:
             x = self.se(x)
@@ -97,6 +101,8 @@ class Block(nn.Module):
 
 
 class Downsample(nn.Module):
+    """A RepViT downsample: pre-block, strided depthwise conv, 1x1 conv, FFN."""
+
     def __init__(self, spec: RepVitSpec, stage: int, *, folded: bool) -> None:
         super().__init__()
         downsample = spec.stages[stage].downsample
@@ -109,11 +115,14 @@ class Downsample(nn.Module):
         self.ffn = Mlp(downsample.out_channels, downsample.hidden_channels, folded=folded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output on `x`."""
         x = self.channel_downsample(self.spatial_downsample(self.pre_block(x)))
         return x + self.ffn(x)
 
 
 class Stage(nn.Module):
+    """One RepViT stage: an optional downsample, then its blocks."""
+
     def __init__(self, spec: RepVitSpec, stage: int, *, folded: bool) -> None:
         super().__init__()
         has_downsample = spec.stages[stage].downsample is not None
@@ -122,12 +131,15 @@ class Stage(nn.Module):
                                       for block in spec.stages[stage].blocks))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output on `x`."""
         if self.downsample is not None:
             x = self.downsample(x)
         return self.blocks(x)
 
 
 class Stem(nn.Module):
+    """Two strided 3x3 conv-BN layers with GELU between: 1/4 resolution."""
+
     def __init__(self, spec: RepVitSpec, *, folded: bool) -> None:
         super().__init__()
         half, full = spec.stem_channels
@@ -136,6 +148,7 @@ class Stem(nn.Module):
         self.conv2 = conv_unit(half, full, KERNEL_SIZE, folded=folded, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output on `x`."""
         return self.conv2(self.act1(self.conv1(x)))
 
 
@@ -158,6 +171,7 @@ class Classifier(nn.Module):
                            else NormLinear(features, classes)) if distillation else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output on `x`."""
         if self.head_dist is None:
             return self.head(x)
         return (self.head(x) + self.head_dist(x)) / 2
@@ -191,6 +205,7 @@ class RepVit(nn.Module):
                                        distillation=spec.distillation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The module's output on `x`."""
         x = self.stages(self.stem(x))
         if self.head is None:
             return x

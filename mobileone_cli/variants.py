@@ -39,13 +39,16 @@ class BlockSpec:
 
     @property
     def padding(self) -> int:
+        """Zero padding that keeps the output size (k // 2)."""
         return self.kernel_size // 2
 
     @property
     def is_folded(self) -> bool:
+        """Whether this is already one conv (no branches left)."""
         return self.conv_branches == 0
 
     def folded(self) -> BlockSpec:
+        """The spec after folding: one conv, no branches."""
         return replace(self, conv_branches=0, has_scale=False, has_identity=False)
 
     def structure(self) -> tuple[int, int, int, int, int, int]:
@@ -72,14 +75,17 @@ class ArchitectureSpec:
 
     @property
     def blocks(self) -> tuple[BlockSpec, ...]:
+        """Every block, stem first, in model order."""
         return (self.stem, *(block for stage in self.stages for block in stage))
 
     @property
     def feature_channels(self) -> int:
+        """Channels of the last stage's output, the classifier's input."""
         return self.stages[-1][-1].out_channels
 
     @property
     def is_folded(self) -> bool:
+        """Whether this is already one conv (no branches left)."""
         return all(block.is_folded for block in self.blocks)
 
     def folded(self, *, keep_distillation_head: bool = False) -> ArchitectureSpec:
@@ -91,6 +97,7 @@ class ArchitectureSpec:
         )
 
     def structure(self) -> tuple[tuple[int, ...], ...]:
+        """What survives folding, block by block: tells variants apart in a fused file."""
         return tuple(block.structure() for block in self.blocks)
 
 

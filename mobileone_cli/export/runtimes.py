@@ -55,6 +55,7 @@ class Captured:
 
     @property
     def text(self) -> str:
+        """Everything held back: Python's output, then the native output."""
         return self.python.getvalue() + self.native
 
 
