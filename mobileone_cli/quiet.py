@@ -60,12 +60,17 @@ class Captured:
             (type(error).__name__ if error is not None else "")
 
 
-def last_meaningful_line(text: str) -> str:
-    """The last non-empty line of `text` that is not a traceback frame or a graph dump."""
-    for line in reversed(text.splitlines()):
-        stripped = line.strip()
-        if stripped and not stripped.startswith(_NOISE_PREFIXES):
-            return stripped
+MEANINGFUL_LINE_LIMIT = 300
+
+
+def last_meaningful_line(*texts: str) -> str:
+    """The last non-empty line of `texts` (later texts first) that is not a traceback frame,
+    a caret marker or a graph dump: what a converter's failure comes down to."""
+    for text in reversed(texts):
+        for line in reversed(text.splitlines()):
+            stripped = line.strip()
+            if stripped and not stripped.startswith(_NOISE_PREFIXES):
+                return stripped[:MEANINGFUL_LINE_LIMIT]
     return ""
 
 

@@ -37,13 +37,13 @@ from mobileone_cli.export.runtimes import (
     Runner,
     converting,
     embedded_metadata,
-    last_meaningful_line,
     metadata_details,
     missing_modules,
     pip_extra,
     quiet,
     read_embedded_metadata,
 )
+from mobileone_cli.quiet import last_meaningful_line
 from mobileone_cli.results import Declared
 from mobileone_cli.versions import version_of
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from mobileone_cli.errors import ExportFailedError, MobileOneError
 from mobileone_cli.export.backend import WriteContext
+from mobileone_cli.quiet import last_meaningful_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,7 +44,6 @@ LOG_LEVEL = logging.ERROR
 NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "torch._export", "torch.export", "absl",
                  "executorch", "litert_torch", "ort_format_model", "jax", "root")
 _NOISY_WARNINGS = (FutureWarning, DeprecationWarning, UserWarning, ResourceWarning)
-_MEANINGLESS_PREFIXES = ("Traceback", "File ", "^", "~", "During handling", "The above exception")
 
 
 class Captured:
@@ -127,20 +127,6 @@ def _native_output_to(captured: Captured) -> Iterator[None]:
                 os.close(original)
             sink.seek(0)
             captured.native = sink.read().decode("utf-8", errors="replace")
-
-
-def last_meaningful_line(*texts: str) -> str:
-    """The last line of `texts` that says something: no blank, traceback frame or caret line.
-
-    A converter's exception often ends in a stack dump or an `^^^^` marker;
-    its log's last line before that is what went wrong. Later texts win.
-    """
-    for text in reversed(texts):
-        for line in reversed(text.strip().splitlines()):
-            stripped = line.strip()
-            if stripped and not stripped.startswith(_MEANINGLESS_PREFIXES):
-                return stripped[:300]
-    return ""
 
 
 def failure_line(error: BaseException, captured: Captured) -> str:
