@@ -80,7 +80,8 @@ ATTEMPTS = 3
 DEFAULT_SETTLE = 30.0
 BARE_IMPORT = "import click, rich"
 HELP_IMPORT_ROWS = 8
-PACKAGES = ("torch", "onnxruntime", "onnx", "onnxsim", "coremltools", "numpy", "mobileone-cli")
+PACKAGES = ("torch", "onnxruntime", "onnx", "onnxsim", "coremltools", "numpy", "executorch",
+            "litert-torch", "ai-edge-litert", "mobileone-cli")
 
 
 # -- options -----------------------------------------------------------------------------
@@ -312,6 +313,14 @@ def mobileone() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "mobileone_cli"]
 
 
+# Every export target timed, with its file suffix and its column title.
+EXPORTS = {"onnx": (".onnx", "ONNX"), "coreml": (".mlpackage", "Core ML"),
+           "executorch": (".pte", "ExecuTorch"), "tflite": (".tflite", "LiteRT"),
+           "ort": (".ort", "ORT")}
+# The on-device files `report` times in their own runtimes, next to torch and onnxruntime.
+ON_DEVICE = ("executorch", "tflite", "ort")
+
+
 def commands(variant: str, checkpoint: Path, workdir: Path) -> dict[str, list[str]]:
     """The measured commands of one variant: fold, its floor, and each export."""
     tool = mobileone()
@@ -319,10 +328,8 @@ def commands(variant: str, checkpoint: Path, workdir: Path) -> dict[str, list[st
     return {
         "fold": [*tool, "fold", str(checkpoint), "-o", f"{stem}.safetensors", "--force"],
         "floor": [sys.executable, str(HERE / "floor.py"), str(checkpoint), variant],
-        "onnx": [*tool, "export", str(checkpoint), "--to", "onnx", "-o", f"{stem}.onnx",
-                 "--force"],
-        "coreml": [*tool, "export", str(checkpoint), "--to", "coreml", "-o",
-                   f"{stem}.mlpackage", "--force"],
+        **{name: [*tool, "export", str(checkpoint), "--to", name, "-o", f"{stem}{suffix}",
+                  "--force"] for name, (suffix, _title) in EXPORTS.items()},
     }
 
 
@@ -338,7 +345,7 @@ def measure_commands(checkpoints: dict[str, Path], settings: Settings, workdir: 
     for round_index in range(max(settings.repeat, settings.export_repeat)):
         for variant, checkpoint in checkpoints.items():
             for name, command in commands(variant, checkpoint, workdir).items():
-                limit = settings.export_repeat if name in ("onnx", "coreml") else settings.repeat
+                limit = settings.export_repeat if name in EXPORTS else settings.repeat
                 if round_index >= limit:
                     continue
                 result = measure(command, label=f"{variant} {name}", machine=machine,
@@ -547,26 +554,29 @@ def race_help(settings: Settings) -> HelpRace:
 # -- the latency table -------------------------------------------------------------------
 
 
-def latency_report(variant: str, checkpoint: Path, onnx_file: Path, settings: Settings) -> Report:
-    """`mobileone report CHECKPOINT ONNX` through its API: train-time, folded and ONNX."""
+def latency_report(variant: str, checkpoint: Path, stem: Path, settings: Settings) -> Report:
+    """`mobileone report CHECKPOINT ONNX PTE TFLITE ORT` through its API: every runtime
+    side by side, timed in the same interleaved rounds."""
     from mobileone_cli.options import ReportOptions
     from mobileone_cli.report import report_sources
 
-    return report_sources(ReportOptions(sources=(checkpoint, onnx_file), batch=1,
+    files = [stem.with_suffix(EXPORTS[name][0]) for name in ("onnx", *ON_DEVICE)]
+    return report_sources(ReportOptions(sources=(checkpoint, *files), batch=1,
                                         size=(INPUT_SIZE, INPUT_SIZE), threads=settings.threads,
                                         runs=settings.runs))
 
 
 def latency_row(variant: str, report: Report) -> list[str]:
-    checkpoint_row, onnx_row = report.rows
+    checkpoint_row, onnx_row, *device_rows = report.rows
     torch_ms = {item.model: item.median_ms for item in checkpoint_row.latency}
     # The ONNX row also times its weights in torch eager; that repeats the folded figure.
     onnx_ms = next(item.median_ms for item in onnx_row.latency if item.model == "onnx")
+    device_ms = [f"{row.latency[0].median_ms:.1f}" for row in device_rows]
     fused = checkpoint_row.fused
     assert fused is not None and checkpoint_row.speedup is not None
     return [variant.upper(), f"{fused.params / 1e6:.2f} M", f"{fused.macs / 1e6:.0f} M",
             f"{torch_ms['train']:.1f}", f"{torch_ms['fused']:.1f}", f"{onnx_ms:.1f}",
-            f"{checkpoint_row.speedup:.2f}x"]
+            *device_ms, f"{checkpoint_row.speedup:.2f}x"]
 
 
 # -- targets and tables ------------------------------------------------------------------
@@ -642,12 +652,12 @@ def command_rows(measurements: dict[tuple[str, str], Measurement],
     rows = []
     for variant in variants:
         fold, floor = measurements[variant, "fold"], measurements[variant, "floor"]
-        onnx, coreml = measurements[variant, "onnx"], measurements[variant, "coreml"]
-        shares = [m.worst_others_share for m in (fold, floor, onnx, coreml)]
+        exports = [measurements[variant, name] for name in EXPORTS]
+        shares = [m.worst_others_share for m in (fold, floor, *exports)]
         rows.append([variant.upper(), seconds(fold), f"{fold.peak_mib:.0f}", seconds(floor),
                      f"{floor.peak_mib:.0f}", f"{fold.seconds / floor.seconds:.2f}",
-                     seconds(onnx), f"{onnx.peak_mib:.0f}", seconds(coreml),
-                     f"{coreml.peak_mib:.0f}",
+                     *(cell for export in exports
+                       for cell in (seconds(export), f"{export.peak_mib:.0f}")),
                      percent(max((s for s in shares if s is not None), default=None))])
     return rows
 
@@ -735,8 +745,7 @@ def measure_latencies(checkpoints: dict[str, Path], settings: Settings, workdir:
                                stem.with_suffix(".safetensors"), workdir, settings, machine))
         progress(f"  {variant} ONNX ours / hand-made: {races[-1].ratio:.3f}")
         machine.settle(settings.settle)
-        reports[variant] = latency_report(variant, checkpoint, stem.with_suffix(".onnx"),
-                                          settings)
+        reports[variant] = latency_report(variant, checkpoint, stem, settings)
     return races, reports
 
 
@@ -785,7 +794,8 @@ def render(settings: Settings, machine: Machine,
         "default). *Others*: the largest share of the CPU capacity other processes took during "
         "any of the row's runs.\n\n" + table(
             ["variant", "fold s", "fold MiB", "floor s", "floor MiB", "fold / floor",
-             "ONNX export s", "ONNX MiB", "Core ML export s", "Core ML MiB", "others"],
+             *(cell for _suffix, title in EXPORTS.values()
+               for cell in (f"{title} export s", f"{title} MiB")), "others"],
             command_rows(measurements, settings.variants)),
         *sections,
         f"## ONNX: our export against the hand-made one\n\nonnxruntime CPU, {threads}, batch 1, "
@@ -799,10 +809,12 @@ def render(settings: Settings, machine: Machine,
         + table(["variant", "ours ms", "hand-made ms", "ours / hand-made", "pairs", "A/A control",
                  "others", "max |Δ| logits", "ours: ops", "hand-made: ops"], onnx_rows(races)),
         f"## Latency (`mobileone report`)\n\nMedian ms of {settings.runs} runs after 5 warm-up "
-        f"runs, batch 1, {INPUT_SIZE}x{INPUT_SIZE}, {threads}; train-time and folded in torch "
-        "eager, ONNX in onnxruntime; params and MACs of the folded model.\n\n" + table(
+        f"runs, batch 1, {INPUT_SIZE}x{INPUT_SIZE}, {threads}, every model timed in the same "
+        "interleaved rounds; train-time and folded in torch eager, ONNX in onnxruntime, "
+        "the .pte in ExecuTorch (XNNPACK), the .tflite in LiteRT (XNNPACK), the .ort in "
+        "onnxruntime; params and MACs of the folded model.\n\n" + table(
             ["variant", "params", "MACs", "train-time ms", "folded ms", "ONNX ms",
-             "speed-up (train / folded)"],
+             "ExecuTorch ms", "LiteRT ms", "ORT ms", "speed-up (train / folded)"],
             [latency_row(variant, report) for variant, report in reports.items()]),
         f"## `mobileone --help`\n\nMedian of {settings.help_runs} interleaved runs: "
         f"{help_race.help_ms:.0f} ms, against {help_race.bare_ms:.0f} ms for "
