@@ -80,3 +80,16 @@ def negate_classifier_rows(path: Path, folded: Folded) -> None:
     assert start >= 0, f"{path.name} does not store the classifier's weights as-is"
     data[start : start + len(needle)] = (-weight).astype("<f4").tobytes()
     path.write_bytes(bytes(data))
+
+
+def verify_through_the_cli(path: Path, folded: Folded) -> tuple[int, dict[str, Any]]:
+    """`mobileone verify PATH --against CHECKPOINT --json`: its exit code and its JSON."""
+    import json
+
+    from click.testing import CliRunner
+
+    from mobileone_cli.cli import main
+
+    result = CliRunner().invoke(main, ["verify", str(path), "--against",
+                                       str(folded.folded.loaded.source), "--json"])
+    return result.exit_code, json.loads(result.stdout)

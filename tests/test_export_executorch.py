@@ -19,7 +19,14 @@ import pytest
 from mobileone_cli.errors import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, MobileOneError
 from mobileone_cli.export import executorch as backend
 from mobileone_cli.export.runtimes import METADATA_SCHEMA
-from tests.on_device import SIZE, WRONG_OUTPUT, Folded, fold, negate_classifier_rows
+from tests.on_device import (
+    SIZE,
+    WRONG_OUTPUT,
+    Folded,
+    fold,
+    negate_classifier_rows,
+    verify_through_the_cli,
+)
 
 VARIANTS = ("s0", "s1", "s2", "s3", "s4")
 
@@ -111,6 +118,10 @@ def test_tampered_weights_give_wrong_outputs(written: dict[str, tuple[Folded, Pa
     verification = folded.prove(backend.open(tampered))
     assert verification.max_rel_diff > WRONG_OUTPUT
     assert not verification.passed
+    # And through `verify`, as a release pipeline runs it: exit 3, the figures in the JSON.
+    code, report = verify_through_the_cli(tampered, folded)
+    assert code == 3 and report["passed"] is False
+    assert report["verification"]["max_rel_diff"] > WRONG_OUTPUT
 
 
 @installed

@@ -22,7 +22,14 @@ from mobileone_cli.errors import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, MobileOneEr
 from mobileone_cli.export import litert as backend
 from mobileone_cli.export.runtimes import METADATA_SCHEMA
 from mobileone_cli.options import LiteRTOptions
-from tests.on_device import SIZE, WRONG_OUTPUT, Folded, fold, negate_classifier_rows
+from tests.on_device import (
+    SIZE,
+    WRONG_OUTPUT,
+    Folded,
+    fold,
+    negate_classifier_rows,
+    verify_through_the_cli,
+)
 
 installed = pytest.mark.skipif(backend.missing() is not None, reason=backend.missing() or "")
 NHWC = LiteRTOptions(channels_last=True)
@@ -139,6 +146,10 @@ def test_tampered_weights_give_wrong_outputs(written: dict[str, tuple[Folded, Pa
     verification = folded.prove(backend.open(tampered))
     assert verification.max_rel_diff > WRONG_OUTPUT
     assert not verification.passed
+    # And through `verify`, as a release pipeline runs it: exit 3, the figures in the JSON.
+    code, report = verify_through_the_cli(tampered, folded)
+    assert code == 3 and report["passed"] is False
+    assert report["verification"]["max_rel_diff"] > WRONG_OUTPUT
 
 
 @installed

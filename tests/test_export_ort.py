@@ -16,7 +16,14 @@ import pytest
 from mobileone_cli.errors import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, MobileOneError, UsageError
 from mobileone_cli.export import ort as backend
 from mobileone_cli.options import OnnxOptions
-from tests.on_device import SIZE, WRONG_OUTPUT, Folded, fold, negate_classifier_rows
+from tests.on_device import (
+    SIZE,
+    WRONG_OUTPUT,
+    Folded,
+    fold,
+    negate_classifier_rows,
+    verify_through_the_cli,
+)
 
 VARIANTS = ("s0", "s1", "s2", "s3", "s4")
 
@@ -145,6 +152,10 @@ def test_tampered_weights_give_wrong_outputs(written: dict[str, tuple[Folded, Pa
     verification = folded.prove(backend.open(tampered))
     assert verification.max_rel_diff > WRONG_OUTPUT
     assert not verification.passed
+    # And through `verify`, as a release pipeline runs it: exit 3, the figures in the JSON.
+    code, report = verify_through_the_cli(tampered, folded)
+    assert code == 3 and report["passed"] is False
+    assert report["verification"]["max_rel_diff"] > WRONG_OUTPUT
 
 
 def test_a_batch_runs_one_sample_at_a_time_and_other_sizes_are_refused(
