@@ -156,11 +156,6 @@ def _check_free_space(folder: Path, expected_bytes: int) -> None:
                           f"{needed / 1e6:,.1f} MB", hint="free some space, or choose another -o path")
 
 
-def check_output_path(path: Path, *, force: bool) -> None:
-    """Refuse, before any work, an output that exists or whose folder does not (a single file)."""
-    check_destination(path, kind="file", force=force)
-
-
 @contextmanager
 def staging_path(destination: Path) -> Iterator[Path]:
     """A path inside a hidden temporary folder beside `destination`, removed on exit.
