@@ -42,11 +42,11 @@ from mobileone_cli.cost import precision_cost
 from mobileone_cli.export import coreml as coreml_export
 from mobileone_cli.export import onnx as onnx_export
 from mobileone_cli.export.backend import WriteContext
-from mobileone_cli.options import CoreMLOptions, OnnxOptions
 from mobileone_cli.files import size_of
 from mobileone_cli.fold import fold_state
 from mobileone_cli.mil import run_program
 from mobileone_cli.model import build_model
+from mobileone_cli.options import CoreMLOptions, OnnxOptions
 from mobileone_cli.synthetic import make_train_state
 from mobileone_cli.variants import VARIANTS, build_spec
 

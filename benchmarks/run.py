@@ -557,13 +557,13 @@ def race_help(settings: Settings) -> HelpRace:
 def latency_report(variant: str, checkpoint: Path, stem: Path, settings: Settings) -> Report:
     """`mobileone report CHECKPOINT ONNX PTE TFLITE ORT` through its API: every runtime
     side by side, timed in the same interleaved rounds."""
+    from mobileone_cli import api
     from mobileone_cli.options import ReportOptions
-    from mobileone_cli.report import report_sources
 
     files = [stem.with_suffix(EXPORTS[name][0]) for name in ("onnx", *ON_DEVICE)]
-    return report_sources(ReportOptions(sources=(checkpoint, *files), batch=1,
-                                        size=(INPUT_SIZE, INPUT_SIZE), threads=settings.threads,
-                                        runs=settings.runs))
+    return api.report(ReportOptions(sources=(checkpoint, *files), batch=1,
+                                    size=(INPUT_SIZE, INPUT_SIZE), threads=settings.threads,
+                                    runs=settings.runs))
 
 
 def latency_row(variant: str, report: Report) -> list[str]:

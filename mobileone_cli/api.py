@@ -19,6 +19,7 @@ from pathlib import Path
 from mobileone_cli.checkpoint import load_checkpoint
 from mobileone_cli.errors import UsageError
 from mobileone_cli.export import pipeline
+from mobileone_cli.export.registry import timing_backend
 from mobileone_cli.options import ExportOptions, FoldOptions, Gates, ReportOptions, VerifyOptions
 from mobileone_cli.report import Report, report_sources
 from mobileone_cli.results import ArtifactCheck, ExportResult, ManifestCheck, ModelSummary
@@ -63,7 +64,7 @@ def verify_bundle(manifest: Path, *, against: Path | None = None, rtol: float | 
 
 def report(options: ReportOptions) -> Report:
     """Params, MACs and latency of each source, train-time against folded."""
-    return report_sources(options)
+    return report_sources(options, on_device=timing_backend)
 
 
 def demo(output_dir: Path, *, family: str = "mobileone",

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 from mobileone_cli.checkpoint import LoadedCheckpoint, load_checkpoint, recognise
 from mobileone_cli.errors import EXIT_OK, BadCheckpointError, UsageError
-from mobileone_cli.export.registry import timing_backend
 from mobileone_cli.files import sha256_path
 from mobileone_cli.fold import fold_state
 from mobileone_cli.model import build_model, build_shapes_only
@@ -453,12 +452,23 @@ class Report:
         }
 
 
-def report_sources(options: ReportOptions) -> Report:
+TimingBackends = Callable[[str], Any]
+"""A path's on-device backend (one with `open` and `timed_runner`), or None; the API passes
+the export registry's, so this module, below the exporters, never imports them."""
+
+
+def _no_on_device(path: str) -> None:
+    """No on-device runtime: every source is a checkpoint or an ONNX file."""
+
+
+def report_sources(options: ReportOptions, *,
+                   on_device: TimingBackends = _no_on_device) -> Report:
     """Measure every source with the same batch, size and thread count.
 
     Every model of every source is built first, then all are timed together
     in interleaved rounds (see `time_interleaved`). Torch's process-wide
-    thread count is restored afterwards.
+    thread count is restored afterwards. `on_device` finds the backend that
+    times a `.pte`, `.tflite` or `.ort` source in its own runtime.
     """
     import torch
 
@@ -467,7 +477,8 @@ def report_sources(options: ReportOptions) -> Report:
     previous_threads = torch.get_num_threads()
     threads = options.threads or previous_threads
     try:
-        planned = [_report_source(path, options, threads=threads) for path in options.sources]
+        planned = [_report_source(path, options, threads=threads, on_device=on_device)
+                   for path in options.sources]
         rows = _timed(planned, options, threads=threads)
     finally:
         torch.set_num_threads(previous_threads)
@@ -554,14 +565,14 @@ def _check_options(options: ReportOptions) -> None:
                              hint=f"pass --{name} {least} or more")
 
 
-def _report_source(path: Path, options: ReportOptions, *, threads: int
-                   ) -> tuple[SourceReport, tuple[TimedModel, ...]]:
+def _report_source(path: Path, options: ReportOptions, *, threads: int,
+                   on_device: TimingBackends) -> tuple[SourceReport, tuple[TimedModel, ...]]:
     """One row without latency, and the models to time for it (none without --latency)."""
     if path.suffix.lower() == ONNX_SUFFIX:
         return _report_onnx(path, options, threads=threads)
-    on_device = timing_backend(str(path))
-    if on_device is not None:
-        return _report_on_device(path, on_device, options, threads=threads)
+    backend = on_device(str(path))
+    if backend is not None:
+        return _report_on_device(path, backend, options, threads=threads)
     return _report_checkpoint(load_checkpoint(path), options, threads=threads)
 
 

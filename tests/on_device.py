@@ -82,14 +82,23 @@ def negate_classifier_rows(path: Path, folded: Folded) -> None:
     path.write_bytes(bytes(data))
 
 
-def verify_through_the_cli(path: Path, folded: Folded) -> tuple[int, dict[str, Any]]:
-    """`mobileone verify PATH --against CHECKPOINT --json`: its exit code and its JSON."""
+def assert_tampering_is_caught(backend: Any, path: Path, folded: Folded, folder: Path) -> None:
+    """A copy of `path` with classifier rows negated fails the proof, and `verify` exits 3."""
     import json
 
     from click.testing import CliRunner
 
     from mobileone_cli.cli import main
 
-    result = CliRunner().invoke(main, ["verify", str(path), "--against",
+    tampered = folder / f"tampered{path.suffix}"
+    tampered.write_bytes(path.read_bytes())
+    negate_classifier_rows(tampered, folded)
+    verification = folded.prove(backend.open(tampered))
+    assert verification.max_rel_diff > WRONG_OUTPUT
+    assert not verification.passed
+    # And through `verify`, as a release pipeline runs it: exit 3, the figures in the JSON.
+    result = CliRunner().invoke(main, ["verify", str(tampered), "--against",
                                        str(folded.folded.loaded.source), "--json"])
-    return result.exit_code, json.loads(result.stdout)
+    report = json.loads(result.stdout)
+    assert result.exit_code == 3 and report["passed"] is False
+    assert report["verification"]["max_rel_diff"] > WRONG_OUTPUT

@@ -18,11 +18,9 @@ from mobileone_cli.export import ort as backend
 from mobileone_cli.options import OnnxOptions
 from tests.on_device import (
     SIZE,
-    WRONG_OUTPUT,
     Folded,
+    assert_tampering_is_caught,
     fold,
-    negate_classifier_rows,
-    verify_through_the_cli,
 )
 
 VARIANTS = ("s0", "s1", "s2", "s3", "s4")
@@ -146,16 +144,7 @@ def test_nothing_is_printed(written: dict[str, tuple[Folded, Path]], tmp_path: P
 def test_tampered_weights_give_wrong_outputs(written: dict[str, tuple[Folded, Path]],
                                              tmp_path: Path) -> None:
     folded, path = written["s0"]
-    tampered = tmp_path / "tampered.ort"
-    tampered.write_bytes(path.read_bytes())
-    negate_classifier_rows(tampered, folded)
-    verification = folded.prove(backend.open(tampered))
-    assert verification.max_rel_diff > WRONG_OUTPUT
-    assert not verification.passed
-    # And through `verify`, as a release pipeline runs it: exit 3, the figures in the JSON.
-    code, report = verify_through_the_cli(tampered, folded)
-    assert code == 3 and report["passed"] is False
-    assert report["verification"]["max_rel_diff"] > WRONG_OUTPUT
+    assert_tampering_is_caught(backend, path, folded, tmp_path)
 
 
 def test_a_batch_runs_one_sample_at_a_time_and_other_sizes_are_refused(
@@ -224,17 +213,17 @@ def test_a_missing_converter_names_the_pip_command(monkeypatch: pytest.MonkeyPat
 def test_report_times_the_ort_file_in_its_own_runtime(
     written: dict[str, tuple[Folded, Path]],
 ) -> None:
+    from mobileone_cli import api
     from mobileone_cli.errors import UsageError
     from mobileone_cli.options import ReportOptions
-    from mobileone_cli.report import report_sources
 
     _folded, path = written["s0"]
-    report = report_sources(ReportOptions(sources=(path,), size=(SIZE, SIZE), runs=2, warmup=1,
+    report = api.report(ReportOptions(sources=(path,), size=(SIZE, SIZE), runs=2, warmup=1,
                                           threads=1))
     [row] = report.rows
     assert (row.kind, row.fused, row.file_bytes) == ("ort", None, path.stat().st_size)
     [latency] = row.latency
     assert (latency.runtime, latency.model) == ("onnxruntime", "ort") and latency.median_ms > 0
     with pytest.raises(UsageError, match="does not fit") as refused:
-        report_sources(ReportOptions(sources=(path,), size=(SIZE + 32, SIZE + 32), latency=False))
+        api.report(ReportOptions(sources=(path,), size=(SIZE + 32, SIZE + 32), latency=False))
     assert refused.value.hint == f"pass --batch 1 --size {SIZE} {SIZE}"
