@@ -24,6 +24,21 @@ Runner = Callable[["np.ndarray"], "np.ndarray"]
 
 
 @dataclass(frozen=True)
+class Quantization:
+    """How `export --quantize` asks a backend to compress the artifact it writes."""
+
+    mode: str
+    """As the field names it and `compress.TARGET_MODES` lists it: "w8", "pal4", "w8a8", "int8",
+    "fp16" ..."""
+    calibration: np.ndarray | None = None
+    """Normalised float32 N x 3 x H x W calibration images (modes that quantize activations)."""
+    calibration_method: str | None = None
+    """"minmax", "entropy" or "percentile" where the target lets the user choose."""
+    keep_float: tuple[str, ...] = ()
+    """Folded layer names (`stage1.0.reparam_conv`, `linear`) whose weights stay float."""
+
+
+@dataclass(frozen=True)
 class WriteContext:
     """Everything a backend may need to write one artifact of a folded model."""
 
@@ -42,6 +57,8 @@ class WriteContext:
     input_name: str = "image"
     family: str = "mobileone"
     """The model family ("mobileone", "repvit"): whose key names a layout means."""
+    quantization: Quantization | None = None
+    """`export --quantize`: compress what is written; None writes the float model."""
 
 
 @dataclass(frozen=True)
@@ -82,8 +99,15 @@ class Backend(Protocol):
         """None when the converter and runtime import; else why not, in one line."""
         ...
 
-    def write(self, model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
-        """Write the folded model at `path` (a staging path; the pipeline moves it)."""
+    def write(self, model: torch.nn.Module, path: Path, *,
+              context: WriteContext) -> torch.nn.Module | None:
+        """Write the folded model at `path` (a staging path; the pipeline moves it).
+
+        With `context.quantization`, writes the compressed artifact. Returns the
+        tight reference of a quantized artifact when only the writer can build it
+        (the PT2E-converted torch module, taking normalised NCHW float32 and
+        returning what the artifact returns); None otherwise.
+        """
         ...
 
     def companions(self, path: Path) -> tuple[Path, ...]:
