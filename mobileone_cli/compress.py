@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from mobileone_cli.errors import ExportFailedError, UsageError
 from mobileone_cli.mil import quiet_coremltools, summarize_program, trace_program
+from mobileone_cli.options import CALIBRATION_METHODS, DEFAULT_CALIBRATION_METHOD
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,10 +55,8 @@ TARGET_MODES: dict[str, tuple[str, ...]] = {
     "executorch": ("w8a8",),
     "litert": ("int8", "fp16"),
 }
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # Histogram bins of the Entropy (KL) calibrator: the search tries thresholds from 128 bins up.
 ENTROPY_BINS = 2048
-DEFAULT_CALIBRATION_METHOD = "minmax"
 # Palettes are per grouped channel: each group of 16 output channels shares one table
 # (coremltools' recommendation for iOS 18; a per-tensor palette is the broken baseline).
 PALETTE_GROUP_SIZE = 16
