@@ -48,9 +48,9 @@ from mobileone_cli.variants import VARIANTS
 from tests.on_device import SIZE
 
 TARGETS = ("executorch", "tflite", "ort")
-PERMUTED = tuple(layout for layout in LAYOUTS if layout != "apple")
+PERMUTED_LAYOUTS = tuple(layout for layout in LAYOUTS if layout != "apple")
 # Each variant once, in a layout of Apple's permutations, alternating.
-PERMUTED_CASES = tuple((variant, PERMUTED[index % len(PERMUTED)])
+PERMUTED_CASES = tuple((variant, PERMUTED_LAYOUTS[index % len(PERMUTED_LAYOUTS)])
                        for index, variant in enumerate(sorted(VARIANTS)))
 OTHER_CASES = (("s0", "yangjie"), ("m0_9", "thumig"))
 CASES = PERMUTED_CASES + OTHER_CASES
@@ -102,7 +102,7 @@ def test_permuted_layouts_load_and_fold_to_apples_model(make_checkpoint: Callabl
     apple = _load(make_checkpoint, variant, "apple")
     apple_folded = fold_state(apple.spec, apple.state)
     apple_metadata = file_metadata(apple, layout="apple", input_size=SIZE, verification=FIGURES)
-    for layout in PERMUTED:
+    for layout in PERMUTED_LAYOUTS:
         other = _load(make_checkpoint, variant, layout)
         assert other.spec == apple.spec
         _assert_same_tensors(other.state, apple.state)
