@@ -41,6 +41,7 @@ from mobileone_cli.options import (
     QuantizeOptions,
     ReportOptions,
     SafetensorsOptions,
+    SensitivityOptions,
     VerifyOptions,
 )
 from mobileone_cli.proof.compare import (
@@ -748,16 +749,42 @@ def demo_next_commands(checkpoint: Path, folded: Path, output_dir: Path) -> tupl
               help="Untimed runs before timing.")
 @click.option("--per-stage", is_flag=True, default=False,
               help="Also break params and MACs down by stage.")
+@click.option("--sensitivity", is_flag=True, default=False,
+              help="Instead: rank the folded layers of one SOURCE by the output error of "
+                   "giving only that layer int8 weights, on --calibration images (what "
+                   "`export --keep-float N` keeps float).")
+@click.option("--calibration", "calibration_dir", type=EXISTING_FOLDER,
+              help="With --sensitivity: the images to measure on (a folder or ImageFolder tree).")
+@click.option("--calibration-count", type=click.IntRange(min=1),
+              help="With --sensitivity: use this many of the images, picked evenly.")
+@click.option("--quantize", type=click.Choice(["w8", "w8a8"], case_sensitive=False),
+              default="w8", show_default=True,
+              help="With --sensitivity: the mode whose int8 weights are tried layer by layer.")
 @json_option
 @click.pass_context
 def report_command(ctx: click.Context, sources: tuple[Path, ...], latency: bool, batch: int,
                    size: tuple[int, int], threads: int | None, runs: int, warmup: int,
-                   per_stage: bool, json_mode: bool) -> None:
+                   per_stage: bool, sensitivity: bool, calibration_dir: Path | None,
+                   calibration_count: int | None, quantize: str, json_mode: bool) -> None:
     """Measure params, MACs and latency of SOURCES, train-time vs folded.
 
     Each SOURCE is a train-time checkpoint, a folded .safetensors file or an
     .onnx export. MACs count the conv and linear layers (the paper's FLOPs).
+    With --sensitivity: rank the layers of one checkpoint by what int8 weights cost.
     """
+    if sensitivity:
+        if len(sources) != 1 or calibration_dir is None or size[0] != size[1]:
+            raise click.UsageError("--sensitivity takes one SOURCE, --calibration DIR and a "
+                                   "square --size")
+        ranking = SensitivityOptions(source=sources[0], calibration_dir=calibration_dir,
+                                     calibration_count=calibration_count, mode=quantize.lower(),
+                                     input_size=size[0])
+        run_and_render(ctx, json_mode=json_mode, activity="ranking the layers",
+                       call=lambda update: api.sensitivity(ranking),
+                       render=lambda terminal, result: terminal.sensitivity(result))
+        return
+    if calibration_dir is not None or calibration_count is not None:
+        raise click.UsageError("--calibration applies to --sensitivity")
     options = ReportOptions(sources=sources, latency=latency, batch=batch, size=size,
                             threads=threads, runs=runs, warmup=warmup, per_stage=per_stage)
     run_and_render(ctx, json_mode=json_mode, activity="measuring params, MACs and latency",

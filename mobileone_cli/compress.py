@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from mobileone_cli.errors import ExportFailedError, UsageError
 from mobileone_cli.mil import quiet_coremltools, summarize_program, trace_program
 from mobileone_cli.options import CALIBRATION_METHODS, DEFAULT_CALIBRATION_METHOD
+from mobileone_cli.results import LayerSensitivity
 
 if TYPE_CHECKING:
     import numpy as np
@@ -670,21 +671,6 @@ __all__ = [
 
 
 # --- Sensitivity ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerSensitivity:
-    """What quantizing one folded layer alone costs, and how its kernel is shaped."""
-
-    layer: str
-    relative_error: float
-    """||out_q - out||^2 / ||out||^2 over the inputs, only this layer's weight fake-quantized."""
-    top1_agreement: float | None
-    """With the fp32 folded model; None for a headless backbone."""
-    outlier: float
-    """max over output channels of max|w_c| / std(w_c): how far the largest weight of a
-    channel sits from its spread, in standard deviations. An int8 per-channel grid spends
-    its 255 steps on [-max, max], so a large figure leaves the bulk of the weights few steps."""
 
 
 def kernel_outlier(weight: torch.Tensor) -> float:

@@ -29,6 +29,7 @@ from mobileone_cli.results import (
     ManifestCheck,
     ModelSummary,
     PrecisionCost,
+    SensitivityReport,
     Verification,
 )
 
@@ -296,6 +297,25 @@ class Terminal:
         if not check.passed:
             self.error(f"{check.artifact.path} does not reproduce {check.against}",
                        hint="the artifact was altered, or exported from another checkpoint")
+
+    def sensitivity(self, report: SensitivityReport) -> None:
+        """The folded layers, worst first, by the error of quantizing each alone."""
+        self.out.print(Text(f"{report.source} · {report.variant.upper()} · each layer alone with "
+                            f"{report.scheme} weights · {report.images} images", style="bold"),
+                       soft_wrap=True)
+        table = Table(show_edge=False, pad_edge=False)
+        widest = max((len(row.layer) for row in report.layers), default=5)
+        for column in ("rank", "layer", "output error", "top-1 agreement", "outlier (std devs)"):
+            # A layer name is what `--keep-float` takes: never cut it short.
+            table.add_column(column, justify="left" if column == "layer" else "right",
+                             min_width=widest if column == "layer" else None)
+        for rank, row in enumerate(report.layers, start=1):
+            agreement = "-" if row.top1_agreement is None else f"{row.top1_agreement:.1%}"
+            table.add_row(str(rank), row.layer, f"{row.relative_error:.3g}", agreement,
+                          f"{row.outlier:.1f}")
+        self.out.print(table)
+        self.info("output error: ||out_q - out||² / ||out||² with only that layer quantized; "
+                  "`export --keep-float N` keeps the first N float")
 
     def report(self, report: Report) -> None:
         """One row per source: params and MACs train → fused, latency per runtime, file size."""

@@ -223,3 +223,16 @@ class ReportOptions:
     runs: int = DEFAULT_REPORT_RUNS
     warmup: int = DEFAULT_REPORT_WARMUP
     per_stage: bool = False
+
+
+@dataclass(frozen=True)
+class SensitivityOptions:
+    """`report --sensitivity`: rank a model's folded layers by what int8 weights cost each."""
+
+    source: Path
+    calibration_dir: Path
+    calibration_count: int | None = None
+    mode: str = "w8"
+    """An int8-weight mode (w8, w8a8): each layer's weight is fake-quantized per channel."""
+    input_size: int = DEFAULT_INPUT_SIZE
+    ema: bool = False

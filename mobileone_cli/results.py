@@ -509,3 +509,46 @@ class ManifestCheck:
                 "hashes": [check.to_dict() for check in self.hashes],
                 "verifications": [check.to_dict() for check in self.verifications],
                 "problems": list(self.problems)}
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """What quantizing one folded layer alone costs, and how its kernel is shaped."""
+
+    layer: str
+    relative_error: float
+    """||out_q - out||^2 / ||out||^2 over the inputs, only this layer's weight fake-quantized."""
+    top1_agreement: float | None
+    """With the fp32 folded model; None for a headless backbone."""
+    outlier: float
+    """max over output channels of max|w_c| / std(w_c): how far the largest weight of a
+    channel sits from its spread, in standard deviations. An int8 per-channel grid spends
+    its 255 steps on [-max, max], so a large figure leaves the bulk of the weights few steps."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this row."""
+        return _finite_or_none(asdict(self))
+
+
+@dataclass(frozen=True)
+class SensitivityReport:
+    """`report --sensitivity`: every folded layer, worst first, by the error of quantizing it alone."""
+
+    source: Path
+    variant: str
+    scheme: str
+    """How each layer is quantized in turn, e.g. "int8 per output channel, symmetric"."""
+    images: int
+    images_sha256: str
+    layers: tuple[LayerSensitivity, ...]
+
+    @property
+    def exit_code(self) -> int:
+        """Always 0: a measurement."""
+        return EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
+        return {"source": str(self.source), "variant": self.variant, "scheme": self.scheme,
+                "images": self.images, "images_sha256": self.images_sha256,
+                "layers": [layer.to_dict() for layer in self.layers]}

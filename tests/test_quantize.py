@@ -236,3 +236,25 @@ def test_bad_calibration_folders_are_one_line(problem: str, digits: Digits,
     assert code == 1, stderr
     assert_one_line_error(stderr, "no images in" if problem == "empty" else "broken.png")
     assert not output.exists()
+
+
+def test_sensitivity_ranks_the_layers_keep_float_keeps(digits: Digits, images: tuple[Path, Path],
+                                                        onnx_w8: tuple[Path, dict]) -> None:
+    code, stdout, stderr = run("report", digits.checkpoint, "--sensitivity", "--calibration",
+                               images[1], "--size", IMAGE_SIZE, IMAGE_SIZE, "--json")
+    assert code == 0, stderr
+    report = json.loads(stdout)
+    layers = report["layers"]
+    assert len(layers) == 44 and report["images"] == 64
+    errors = [layer["relative_error"] for layer in layers]
+    assert errors == sorted(errors, reverse=True) and errors[0] > 10 * errors[-1]
+    assert all(layer["outlier"] > 1 for layer in layers)
+    # `--keep-float 4` keeps exactly the four this ranking puts first.
+    code, result, stderr = export(digits, images, onnx_w8[0].with_name("kept4.onnx"),
+                                  "--to", "onnx", "--quantize", "w8", "--keep-float", "4")
+    assert code == 0, stderr
+    kept = result["artifacts"][0]["declared"]["compression"]["kept_float"]
+    assert sorted(kept) == sorted(layer["layer"] for layer in layers[:4])
+    code, stdout, _ = run("report", digits.checkpoint, "--sensitivity", "--calibration", images[1],
+                          "--size", IMAGE_SIZE, IMAGE_SIZE)
+    assert code == 0 and layers[0]["layer"] in stdout and "output error" in stdout

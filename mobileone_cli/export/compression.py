@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from mobileone_cli.calibration import ImageSet, load_images, pick_evenly
+from mobileone_cli.checkpoint import load_checkpoint
 from mobileone_cli.compress import (
     TARGET_MODES,
     check_keep_float,
@@ -40,17 +41,26 @@ from mobileone_cli.errors import ExportFailedError, UsageError
 from mobileone_cli.export.backend import COMPRESSION_KEY, Backend, Candidate, Quantization
 from mobileone_cli.export.coreml import deployment_target
 from mobileone_cli.files import sha256_files
+from mobileone_cli.fold import fold_state
+from mobileone_cli.model import build_model
 from mobileone_cli.options import (
     DEFAULT_COREML_TARGET,
     HELD_OUT_EVERY,
     ExportOptions,
     Gates,
     QuantizeOptions,
+    SensitivityOptions,
 )
 from mobileone_cli.proof.compare import compare, precision_cost
 from mobileone_cli.proof.inputs import InputBatch
 from mobileone_cli.proof.reference import ReferenceRun, run_module_reference
-from mobileone_cli.results import Compression, PrecisionCost, Verification, WeightCheck
+from mobileone_cli.results import (
+    Compression,
+    PrecisionCost,
+    SensitivityReport,
+    Verification,
+    WeightCheck,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -370,3 +380,25 @@ def _steps(stored: torch.Tensor, folded: torch.Tensor, *, mode: str) -> float:
     step = flat_folded.abs().amax(dim=1, keepdim=True) / 127
     error = (flat_stored - flat_folded).abs() / torch.where(step > 0, step, torch.ones_like(step))
     return float(error.max())
+
+
+# --- report --sensitivity -----------------------------------------------------------------
+
+SENSITIVITY_MODES = ("w8", "w8a8")
+
+
+def sensitivity_report(options: SensitivityOptions) -> SensitivityReport:
+    """Every folded layer of `options.source`, worst first, by the output error of giving only
+    that layer int8 per-channel weights, on the calibration images."""
+    if options.mode not in SENSITIVITY_MODES:
+        raise UsageError(f"report --sensitivity ranks int8 weights, not --quantize {options.mode}",
+                         hint=f"pass --quantize {' or '.join(SENSITIVITY_MODES)}")
+    loaded = load_checkpoint(options.source, ema=options.ema)
+    images = load_images(options.calibration_dir, size=options.input_size,
+                         count=options.calibration_count)
+    state = loaded.state if loaded.is_folded else fold_state(loaded.spec, loaded.state)
+    folded_spec = loaded.spec.folded()
+    ranked = sensitivity(lambda weights: build_model(folded_spec, weights), state, images.array)
+    return SensitivityReport(source=options.source, variant=loaded.variant,
+                             scheme=mode_info("onnx", options.mode).weights, images=images.count,
+                             images_sha256=images.sha256, layers=ranked)
