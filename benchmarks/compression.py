@@ -8,7 +8,7 @@ held-out digits with labels, calibration on training digits) and a synthetic
 S0 (seeded weights; the digits images resized to `--s0-size` as inputs, no
 labels). Every Core ML and ONNX mode of `mobileone_cli.compress` is written,
 evaluated in its own runtime (onnxruntime, the numpy Core ML evaluator) and
-measured with `mobileone_cli.cost.precision_cost` against the fp32 train-time
+measured with `mobileone_cli.proof.compare.cost_of` against the fp32 train-time
 model. Two deliberately broken quantizations show what a gate must catch:
 per-tensor int8 scales on the depthwise layers, and one palette reversed.
 The tight conversion proofs (artifact against its same-precision torch
@@ -38,7 +38,7 @@ from fixtures.digits import build as build_digits
 from mobileone_cli import compress
 from mobileone_cli.calibration import load_images
 from mobileone_cli.checkpoint import load_checkpoint
-from mobileone_cli.cost import precision_cost
+from mobileone_cli.proof.compare import cost_of
 from mobileone_cli.export import coreml as coreml_export
 from mobileone_cli.export import onnx as onnx_export
 from mobileone_cli.export.backend import WriteContext
@@ -151,13 +151,13 @@ def measure(name: str, spec: Any, state: dict[str, torch.Tensor], inputs: np.nda
 
     def row(target: str, mode: str, path: Path, outputs: np.ndarray, tight: str = "",
             seconds: float = 0.0) -> None:
-        cost = precision_cost(reference, outputs, labels=labels)
+        cost = cost_of(reference, outputs, precision=mode, is_classifier=True, labels=labels)
         rows.append({"model": name, "target": target, "mode": mode, "bytes": size_of(path),
                      "cost": cost, "tight": tight, "seconds": seconds})
         print(f"{name:7} {target:6} {mode:28} {size_of(path) / 1e6:7.3f} MB  "
               f"agree {cost.top1_agreement:.3f} top5 {cost.top5_agreement:.3f} "
               f"cos {cost.mean_cosine:.4f}/{cost.worst_cosine:.4f} "
-              f"rel {cost.max_relative_error:.3g} "
+              f"rel {cost.max_rel_diff:.3g} "
               + (f"acc {cost.reference_top1:.3f}->{cost.artifact_top1:.3f} "
                  f"({cost.top1_delta:+.3f}) " if cost.top1_delta is not None else "")
               + tight + f" [{seconds:.0f}s]", file=sys.stderr, flush=True)
@@ -238,7 +238,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {item['model']} | {item['target']} | {item['mode']} | {item['bytes'] / 1e6:.3f} | "
             f"{cost.top1_agreement:.3f} | {cost.top5_agreement:.3f} | {cost.mean_cosine:.4f} | "
-            f"{cost.worst_cosine:.4f} | {cost.max_relative_error:.3g} | {accuracy} |")
+            f"{cost.worst_cosine:.4f} | {cost.max_rel_diff:.3g} | {accuracy} |")
     return "\n".join(lines)
 
 

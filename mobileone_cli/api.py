@@ -19,10 +19,24 @@ from pathlib import Path
 from mobileone_cli.checkpoint import load_checkpoint
 from mobileone_cli.errors import UsageError
 from mobileone_cli.export import pipeline
+from mobileone_cli.export.compression import sensitivity_report
 from mobileone_cli.export.registry import timing_backend
-from mobileone_cli.options import ExportOptions, FoldOptions, Gates, ReportOptions, VerifyOptions
+from mobileone_cli.options import (
+    ExportOptions,
+    FoldOptions,
+    Gates,
+    ReportOptions,
+    SensitivityOptions,
+    VerifyOptions,
+)
 from mobileone_cli.report import Report, report_sources
-from mobileone_cli.results import ArtifactCheck, ExportResult, ManifestCheck, ModelSummary
+from mobileone_cli.results import (
+    ArtifactCheck,
+    ExportResult,
+    ManifestCheck,
+    ModelSummary,
+    SensitivityReport,
+)
 from mobileone_cli.synthetic import make_checkpoint, make_repvit_checkpoint
 
 Progress = pipeline.Progress
@@ -65,6 +79,11 @@ def verify_bundle(manifest: Path, *, against: Path | None = None, rtol: float | 
 def report(options: ReportOptions) -> Report:
     """Params, MACs and latency of each source, train-time against folded."""
     return report_sources(options, on_device=timing_backend)
+
+
+def sensitivity(options: SensitivityOptions) -> SensitivityReport:
+    """Rank the folded layers by what int8 weights cost each alone (`report --sensitivity`)."""
+    return sensitivity_report(options)
 
 
 def demo(output_dir: Path, *, family: str = "mobileone",

@@ -71,7 +71,9 @@ def _artifact_record(artifact: dict[str, Any]) -> dict[str, Any]:
                      "probabilities": declared.get("outputs_probabilities")}
                     for name in declared.get("output_names", [])],
         "precision": declared.get("precision"),
-        "format_details": declared.get("details", {}),
+        # The compression record rides in format_details: the v2 schema's keys stay as they are.
+        "format_details": ({**declared.get("details", {}), "compression": declared["compression"]}
+                           if declared.get("compression") else declared.get("details", {})),
         "verification": significant(artifact["verification"]),
         "cost": significant(artifact["cost"]),
         "companions": [{"path": Path(companion["path"]).name, "sha256": companion["sha256"],
@@ -112,12 +114,15 @@ def render_summary(manifest: dict[str, Any]) -> str:
          f" → {model['macs']['fused'] / 1e6:,.0f} M."),
         "",
         ("| artifact | format | precision | size | sha256 | max rel. error | tolerance | verified "
-         "| top-1 agreement | worst cosine |"),
-        "|---|---|---|---:|---|---:|---:|:---:|---:|---:|",
+         "| top-1 agreement | mean cosine | worst cosine | top-1 accuracy |"),
+        "|---|---|---|---:|---|---:|---:|:---:|---:|---:|---:|---:|",
         _row("(fold)", "torch", "fp32", None, None, manifest["fold_verification"], None),
     ]
     for artifact in manifest["artifacts"]:
-        lines.append(_row(artifact["path"], artifact["format"], artifact["precision"],
+        compression = artifact["format_details"].get("compression")
+        precision = (f"{artifact['precision']} ({compression['mode']})" if compression
+                     else artifact["precision"])
+        lines.append(_row(artifact["path"], artifact["format"], precision,
                           artifact["bytes"], artifact["sha256"], artifact["verification"],
                           artifact["cost"]))
     for gate in manifest["gates"]:
@@ -142,17 +147,21 @@ def _row(name: str, kind: str, precision: str | None, size: int | None, sha256: 
         error = "non-finite" if relative is None else f"{relative:.2g}"
         tolerance = f"{verification['rtol']:.2g}"
         verdict = "✅" if verification["passed"] else "❌"
-    agreement, cosine = "-", "-"
+    agreement, mean, cosine, accuracy = "-", "-", "-", "-"
     figures = cost or verification
     if figures is not None:
         top1 = figures.get("top1_agreement")
         agreement = "-" if top1 is None else f"{top1:.1%}"
         worst = figures.get("worst_cosine", figures.get("cosine_similarity"))
         cosine = "-" if worst is None else f"{worst:.4f}"
+        average = figures.get("mean_cosine")
+        mean = "-" if average is None else f"{average:.4f}"
+        if figures.get("artifact_top1") is not None and figures.get("top1_delta") is not None:
+            accuracy = f"{figures['artifact_top1']:.1%} ({figures['top1_delta']:+.1%})"
     shown_size = f"{size / 1e6:.1f} MB" if size is not None else "-"
     shown_hash = f"`{sha256[:12]}`" if sha256 else "-"
     return (f"| {name} | {kind} | {precision or '-'} | {shown_size} | {shown_hash} | {error} | "
-            f"{tolerance} | {verdict} | {agreement} | {cosine} |")
+            f"{tolerance} | {verdict} | {agreement} | {mean} | {cosine} | {accuracy} |")
 
 
 # --- checking a bundle later ----------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from mobileone_cli.errors import BadInputError, UsageError
 from mobileone_cli.files import sha256_files
-from mobileone_cli.proof.inputs import DEFAULT_INPUT_SIZE, IMAGE_SUFFIXES, preprocess
+from mobileone_cli.proof.inputs import DEFAULT_INPUT_SIZE, IMAGE_SUFFIXES, image_paths, preprocess
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,22 +58,14 @@ def image_files(folder: Path, *, option: str = "--calibration") -> tuple[list[Pa
     if not folder.is_dir():
         raise BadInputError(f"{option} {folder} is not a folder",
                             hint=f"{option} takes a folder of images or an ImageFolder tree")
-    flat = sorted(path for path in folder.iterdir()
-                  if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
-    classes = sorted(path.name for path in folder.iterdir()
-                     if path.is_dir() and not path.name.startswith("."))
-    if flat or not classes:
-        if not flat:
-            raise BadInputError(
-                f"no images in {folder}",
-                hint=f"{option} takes a folder of {', '.join(IMAGE_SUFFIXES)} files "
-                "or an ImageFolder tree (one sub-folder per class)")
-        return flat, []
-    files = sorted(path for name in classes for path in (folder / name).rglob("*")
-                   if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_paths(folder)
     if not files:
-        raise BadInputError(f"no images in the class folders of {folder}",
-                            hint=f"image files end in {', '.join(IMAGE_SUFFIXES)}")
+        raise BadInputError(
+            f"no images in {folder}",
+            hint=f"{option} takes a folder of {', '.join(IMAGE_SUFFIXES)} files "
+            "or an ImageFolder tree (one sub-folder per class)")
+    classes = sorted({path.relative_to(folder).parts[0] for path in files
+                      if len(path.relative_to(folder).parts) > 1})
     return files, classes
 
 

@@ -28,6 +28,9 @@ from mobileone_cli import __version__
 from mobileone_cli.errors import EXIT_INTERRUPTED, EXIT_OK, MobileOneError, printable
 from mobileone_cli.layouts import ALL_LAYOUTS
 from mobileone_cli.options import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_METHOD,
+    QUANTIZE_MODES,
     TARGETS,
     CoreMLOptions,
     ExportOptions,
@@ -35,11 +38,19 @@ from mobileone_cli.options import (
     Gates,
     LiteRTOptions,
     OnnxOptions,
+    QuantizeOptions,
     ReportOptions,
     SafetensorsOptions,
+    SensitivityOptions,
     VerifyOptions,
 )
-from mobileone_cli.proof.compare import AUTO_TOLERANCE, DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
+from mobileone_cli.proof.compare import (
+    AUTO_TOLERANCE,
+    DEFAULT_MIN_AGREEMENT,
+    DEFAULT_MIN_COSINE,
+    QUANTIZED_MIN_AGREEMENT,
+    QUANTIZED_MIN_COSINE,
+)
 from mobileone_cli.proof.inputs import DEFAULT_INPUT_SIZE, IMAGE_SUFFIXES
 from mobileone_cli.quiet import captured
 from mobileone_cli.validation import (
@@ -380,14 +391,16 @@ def global_options(function: Any) -> Any:
 def cost_gate_options(function: Any) -> Any:
     """`--min-cosine` and `--min-agreement`, the gates on a reduced-precision artifact's cost."""
     for option in reversed((
-        click.option("--min-cosine", type=click.FloatRange(min=-1, max=1),
-                     default=DEFAULT_MIN_COSINE, show_default=True,
-                     help="Gate for reduced-precision artifacts (fp16, bf16): lowest per-sample "
-                          "cosine against the fp32 train-time model."),
-        click.option("--min-agreement", type=click.FloatRange(min=0, max=1),
-                     default=DEFAULT_MIN_AGREEMENT, show_default=True,
-                     help="Gate for reduced-precision classifiers: lowest top-1 agreement with "
-                          "the fp32 train-time model."),
+        click.option("--min-cosine", type=click.FloatRange(min=-1, max=1), default=None,
+                     help="Gate for reduced-precision and compressed artifacts: lowest mean "
+                          "per-sample cosine against the fp32 train-time model "
+                          f"[default: {DEFAULT_MIN_COSINE:g} for fp16/bf16, "
+                          f"{QUANTIZED_MIN_COSINE:g} for --quantize]."),
+        click.option("--min-agreement", type=click.FloatRange(min=0, max=1), default=None,
+                     help="Gate for reduced-precision and compressed classifiers: lowest top-1 "
+                          f"agreement with the fp32 train-time model [default: "
+                          f"{DEFAULT_MIN_AGREEMENT:g} for fp16/bf16, "
+                          f"{QUANTIZED_MIN_AGREEMENT:g} for --quantize]."),
     )):
         function = option(function)
     return function
@@ -536,9 +549,24 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
 @click.option("--dynamic-batch", is_flag=True, help="ONNX: symbolic batch axis.")
 @click.option("--dynamic-size", is_flag=True, help="ONNX: symbolic height and width.")
 @click.option("--no-simplify", is_flag=True, help="ONNX: skip onnxsim.")
-@click.option("--target", "coreml_target", type=CoreMLTarget(), default="iOS16",
-              show_default=True,
-              help=f"Core ML minimum deployment target: {DEPLOYMENT_TARGET_RANGE}.")
+@click.option("--target", "coreml_target", type=CoreMLTarget(), default=None,
+              help=f"Core ML minimum deployment target: {DEPLOYMENT_TARGET_RANGE} [default: "
+                   "iOS16, or the oldest that runs the --quantize mode].")
+@click.option("--quantize", type=click.Choice(QUANTIZE_MODES, case_sensitive=False),
+              help="Compress: w8 (int8 weights), w8a8 (and int8 activations), pal8/pal6/pal4 "
+                   "(Core ML palettes), fp16 (ONNX). Each artifact is proven and its cost "
+                   "measured and gated.")
+@click.option("--calibration", "calibration_dir", type=EXISTING_FOLDER,
+              help="Images (a folder or an ImageFolder tree) to calibrate activations on; "
+                   "without --inputs every 5th is held out to measure the cost.")
+@click.option("--calibration-count", type=click.IntRange(min=1),
+              help="Calibrate on this many of the images, picked evenly [default: all].")
+@click.option("--calibration-method", type=click.Choice(CALIBRATION_METHODS, case_sensitive=False),
+              default=DEFAULT_CALIBRATION_METHOD, show_default=True,
+              help="ONNX w8a8: how activation ranges are chosen.")
+@click.option("--keep-float", "keep_float", default="", metavar="N|LAYER,...",
+              help="Keep layers float: the N most sensitive (ranked on the calibration "
+                   "images, as `report --sensitivity` shows) or these folded layer names.")
 @click.option("--precision", type=click.Choice(["fp16", "fp32"], case_sensitive=False),
               default="fp16",
               show_default=True, help="Core ML compute precision.")
@@ -568,18 +596,21 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
 def export_command(ctx: click.Context, source: Path, target: str, output: Path | None,
                    force: bool, rtol: float | None, inputs_dir: Path | None, input_size: int,
                    ema: bool, dtype: str, layout: str | None, opset: int, dynamic_batch: bool,
-                   dynamic_size: bool, no_simplify: bool, coreml_target: str, precision: str,
+                   dynamic_size: bool, no_simplify: bool, coreml_target: str | None, precision: str,
                    image_input: bool, labels_file: Path | None, description: str | None,
                    model_version: str | None, author: str | None, license_text: str | None,
                    max_params: float | None, max_macs: float | None, max_size_mb: float | None,
                    min_cosine: float, min_agreement: float, required: str,
-                   channels_last: bool, keep_distillation_head: bool, json_mode: bool) -> None:
+                   channels_last: bool, keep_distillation_head: bool, quantize: str | None,
+                   calibration_dir: Path | None, calibration_count: int | None,
+                   calibration_method: str, keep_float: str, json_mode: bool) -> None:
     """Export SOURCE to ONNX and/or Core ML, each verified against the train-time model.
 
     SOURCE is a train-time checkpoint (folded and verified on the way) or a
     safetensors file written by `mobileone fold`.
     """
     target = target.lower()
+    mode = quantize.lower() if quantize else None
     options = ExportOptions(
         source=source, targets=TARGETS if target == "all" else (target,), output=output,
         force=force, rtol=rtol, inputs_dir=inputs_dir, input_size=input_size, ema=ema,
@@ -596,10 +627,22 @@ def export_command(ctx: click.Context, source: Path, target: str, output: Path |
         coreml=CoreMLOptions(target=coreml_target, precision=precision, image_input=image_input,
                              description=description, version=model_version, author=author,
                              license=license_text),
+        quantize=QuantizeOptions(mode=mode, calibration_dir=calibration_dir,
+                                 calibration_count=calibration_count,
+                                 calibration_method=calibration_method.lower(),
+                                 **parse_keep_float(keep_float)),
     )
     run_and_render(ctx, json_mode=json_mode, activity="exporting",
                    call=lambda update: api.export(options, progress=update),
                    render=lambda terminal, result: terminal.export_result(result))
+
+
+def parse_keep_float(text: str) -> dict[str, Any]:
+    """`--keep-float 3` (a count) or `--keep-float stage1.3.reparam_conv,linear` (names)."""
+    text = text.strip()
+    if text.isdigit():
+        return {"keep_float_count": int(text)}
+    return {"keep_float": tuple(name.strip() for name in text.split(",") if name.strip())}
 
 
 @main.command("verify", epilog=examples("verify"))
@@ -706,16 +749,42 @@ def demo_next_commands(checkpoint: Path, folded: Path, output_dir: Path) -> tupl
               help="Untimed runs before timing.")
 @click.option("--per-stage", is_flag=True, default=False,
               help="Also break params and MACs down by stage.")
+@click.option("--sensitivity", is_flag=True, default=False,
+              help="Instead: rank the folded layers of one SOURCE by the output error of "
+                   "giving only that layer int8 weights, on --calibration images (what "
+                   "`export --keep-float N` keeps float).")
+@click.option("--calibration", "calibration_dir", type=EXISTING_FOLDER,
+              help="With --sensitivity: the images to measure on (a folder or ImageFolder tree).")
+@click.option("--calibration-count", type=click.IntRange(min=1),
+              help="With --sensitivity: use this many of the images, picked evenly.")
+@click.option("--quantize", type=click.Choice(["w8", "w8a8"], case_sensitive=False),
+              default="w8", show_default=True,
+              help="With --sensitivity: the mode whose int8 weights are tried layer by layer.")
 @json_option
 @click.pass_context
 def report_command(ctx: click.Context, sources: tuple[Path, ...], latency: bool, batch: int,
                    size: tuple[int, int], threads: int | None, runs: int, warmup: int,
-                   per_stage: bool, json_mode: bool) -> None:
+                   per_stage: bool, sensitivity: bool, calibration_dir: Path | None,
+                   calibration_count: int | None, quantize: str, json_mode: bool) -> None:
     """Measure params, MACs and latency of SOURCES, train-time vs folded.
 
     Each SOURCE is a train-time checkpoint, a folded .safetensors file or an
     .onnx export. MACs count the conv and linear layers (the paper's FLOPs).
+    With --sensitivity: rank the layers of one checkpoint by what int8 weights cost.
     """
+    if sensitivity:
+        if len(sources) != 1 or calibration_dir is None or size[0] != size[1]:
+            raise click.UsageError("--sensitivity takes one SOURCE, --calibration DIR and a "
+                                   "square --size")
+        ranking = SensitivityOptions(source=sources[0], calibration_dir=calibration_dir,
+                                     calibration_count=calibration_count, mode=quantize.lower(),
+                                     input_size=size[0])
+        run_and_render(ctx, json_mode=json_mode, activity="ranking the layers",
+                       call=lambda update: api.sensitivity(ranking),
+                       render=lambda terminal, result: terminal.sensitivity(result))
+        return
+    if calibration_dir is not None or calibration_count is not None:
+        raise click.UsageError("--calibration applies to --sensitivity")
     options = ReportOptions(sources=sources, latency=latency, batch=batch, size=size,
                             threads=threads, runs=runs, warmup=warmup, per_stage=per_stage)
     run_and_render(ctx, json_mode=json_mode, activity="measuring params, MACs and latency",

@@ -40,6 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 from mobileone_cli.errors import ExportFailedError, UsageError
 from mobileone_cli.mil import quiet_coremltools, summarize_program, trace_program
+from mobileone_cli.options import CALIBRATION_METHODS, DEFAULT_CALIBRATION_METHOD
+from mobileone_cli.results import LayerSensitivity
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,10 +56,8 @@ TARGET_MODES: dict[str, tuple[str, ...]] = {
     "executorch": ("w8a8",),
     "litert": ("int8", "fp16"),
 }
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # Histogram bins of the Entropy (KL) calibrator: the search tries thresholds from 128 bins up.
 ENTROPY_BINS = 2048
-DEFAULT_CALIBRATION_METHOD = "minmax"
 # Palettes are per grouped channel: each group of 16 output channels shares one table
 # (coremltools' recommendation for iOS 18; a per-tensor palette is the broken baseline).
 PALETTE_GROUP_SIZE = 16
@@ -143,7 +143,7 @@ MODE_INFO: dict[tuple[str, str], ModeInfo] = {
         "litert", "fp16", "fp16 (biases stay float32)",
         "float32 (the interpreter dequantizes the weights once)", False, None,
         "the folded torch model in float32 with fp16-rounded weights, biases float32 "
-        "(measured 8.4e-7 on the digits)"),
+        "(litert.fp16_reference, which write returns; measured 8.4e-7 on the digits)"),
 }
 
 
@@ -682,21 +682,6 @@ __all__ = [
 
 
 # --- Sensitivity ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LayerSensitivity:
-    """What quantizing one folded layer alone costs, and how its kernel is shaped."""
-
-    layer: str
-    relative_error: float
-    """||out_q - out||^2 / ||out||^2 over the inputs, only this layer's weight fake-quantized."""
-    top1_agreement: float | None
-    """With the fp32 folded model; None for a headless backbone."""
-    outlier: float
-    """max over output channels of max|w_c| / std(w_c): how far the largest weight of a
-    channel sits from its spread, in standard deviations. An int8 per-channel grid spends
-    its 255 steps on [-max, max], so a large figure leaves the bulk of the weights few steps."""
 
 
 def kernel_outlier(weight: torch.Tensor) -> float:

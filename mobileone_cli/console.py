@@ -29,6 +29,7 @@ from mobileone_cli.results import (
     ManifestCheck,
     ModelSummary,
     PrecisionCost,
+    SensitivityReport,
     Verification,
 )
 
@@ -137,6 +138,15 @@ class Terminal:
         table.add_row("cosine similarity", f"{verification.cosine_similarity:.8f}")
         if verification.top1_agreement is not None:
             table.add_row("top-1 agreement", f"{verification.top1_agreement:.1%}")
+        weights = verification.weights
+        if weights is not None:
+            table.add_row(f"stored weights ({weights.scheme})",
+                          f"{weights.layers} layers, worst {weights.worst_layer} "
+                          f"{weights.worst_error:.3g} steps (limit {weights.limit:g})")
+            if weights.worst_bias:
+                table.add_row("stored biases", f"worst {weights.worst_bias} "
+                              f"{weights.worst_bias_error:.3g} of its largest |bias| "
+                              f"(limit {weights.bias_limit:g})")
         verdict = Text("PASSED", style="bold green") if verification.passed else Text(
             "FAILED", style="bold red")
         table.add_row("verdict", verdict)
@@ -163,9 +173,14 @@ class Terminal:
                           f"(gate --min-agreement {cost.min_agreement:g})")
         if cost.top5_agreement is not None:
             table.add_row("top-5 agreement", f"{cost.top5_agreement:.1%}")
-        table.add_row("mean cosine", f"{cost.mean_cosine:.6f}")
-        table.add_row("worst cosine", f"{cost.worst_cosine:.6f}  (gate --min-cosine {cost.min_cosine:g})")
+        table.add_row("mean cosine", f"{cost.mean_cosine:.6f}  (gate --min-cosine "
+                      f"{cost.min_cosine:g})")
+        table.add_row("worst cosine", f"{cost.worst_cosine:.6f}")
         table.add_row("max relative |Δ|", f"{cost.max_rel_diff:.3g}")
+        if cost.reference_top1 is not None and cost.artifact_top1 is not None:
+            table.add_row("top-1 accuracy", f"{cost.reference_top1:.1%} fp32 → "
+                          f"{cost.artifact_top1:.1%} ({cost.artifact_top1 - cost.reference_top1:+.1%})")
+        table.add_row("samples", str(cost.samples))
         verdict = Text("within the gates", style="bold green") if cost.passed else Text(
             "OVER THE GATES", style="bold red")
         table.add_row("verdict", verdict)
@@ -186,6 +201,15 @@ class Terminal:
                 self.verification(f"{artifact.format}: {artifact.path.name} vs "
                                   f"{artifact.verification.reference} (conversion proof)",
                                   artifact.verification)
+            compression = artifact.declared.compression if artifact.declared else None
+            if compression is not None:
+                kept = (f"; kept float: {', '.join(compression.kept_float)}"
+                        if compression.kept_float else "")
+                calibrated = (f"; calibrated on {compression.calibration['count']} images"
+                              if compression.calibration else "")
+                self.info(f"{artifact.format} --quantize {compression.mode}: weights "
+                          f"{compression.weights}; activations {compression.activations}"
+                          f"{calibrated}{kept}")
             if artifact.cost is not None:
                 self.out.print()
                 self.cost(f"{artifact.format}: cost of {artifact.cost.precision} against the fp32 "
@@ -224,12 +248,15 @@ class Terminal:
         if costly:
             first = costly[0].cost
             assert first is not None
+            quantized = any(a.declared is not None and a.declared.compression is not None
+                            for a in costly)
+            keep = ("keep the most sensitive layers float (--keep-float N, see `mobileone report "
+                    "--sensitivity`), choose a milder mode" if quantized else
+                    "keep full precision (--precision fp32 for Core ML, --dtype float32 for "
+                    "safetensors)")
             self.error(f"{first.precision} costs more than the gates allow "
-                       f"(worst cosine {first.worst_cosine:.4f}, top-1 agreement "
-                       f"{'-' if first.top1_agreement is None else f'{first.top1_agreement:.0%}'}); "
-                       "nothing was written",
-                       hint="keep full precision (--precision fp32 for Core ML, --dtype float32 "
-                            "for safetensors) or lower --min-cosine/--min-agreement (random or "
+                       f"({'; '.join(first.failures())}); nothing was written",
+                       hint=f"{keep}, or lower --min-cosine/--min-agreement (random or "
                             "synthetic weights can legitimately cost this much)")
             return
         failed_gates = [gate for gate in result.gates if not gate.passed]
@@ -270,6 +297,25 @@ class Terminal:
         if not check.passed:
             self.error(f"{check.artifact.path} does not reproduce {check.against}",
                        hint="the artifact was altered, or exported from another checkpoint")
+
+    def sensitivity(self, report: SensitivityReport) -> None:
+        """The folded layers, worst first, by the error of quantizing each alone."""
+        self.out.print(Text(f"{report.source} · {report.variant.upper()} · each layer alone with "
+                            f"{report.scheme} weights · {report.images} images", style="bold"),
+                       soft_wrap=True)
+        table = Table(show_edge=False, pad_edge=False)
+        widest = max((len(row.layer) for row in report.layers), default=5)
+        for column in ("rank", "layer", "output error", "top-1 agreement", "outlier (std devs)"):
+            # A layer name is what `--keep-float` takes: never cut it short.
+            table.add_column(column, justify="left" if column == "layer" else "right",
+                             min_width=widest if column == "layer" else None)
+        for rank, row in enumerate(report.layers, start=1):
+            agreement = "-" if row.top1_agreement is None else f"{row.top1_agreement:.1%}"
+            table.add_row(str(rank), row.layer, f"{row.relative_error:.3g}", agreement,
+                          f"{row.outlier:.1f}")
+        self.out.print(table)
+        self.info("output error: ||out_q - out||² / ||out||² with only that layer quantized; "
+                  "`export --keep-float N` keeps the first N float")
 
     def report(self, report: Report) -> None:
         """One row per source: params and MACs train → fused, latency per runtime, file size."""

@@ -83,7 +83,7 @@ def summarize_program(package: Path) -> ProgramSummary:
     )
 
 
-ARITHMETICS = ("declared", "fp32")
+ARITHMETICS = ("declared", "fp32", "fp32-float-activations")
 
 
 def run_program(package: Path, inputs: dict[str, np.ndarray], *,
@@ -95,6 +95,9 @@ def run_program(package: Path, inputs: dict[str, np.ndarray], *,
     (stored weights included, which stay exactly as stored) to float32 and
     treats casts to fp16 as no-ops: the program's own ops and weights with
     float32 arithmetic, which an fp16 program's conversion proof compares.
+    `"fp32-float-activations"` is `"fp32"` with every quantize/dequantize pair
+    of an activation (`w8a8`) passed through: the stored weights, float
+    activations, what a compressed program's conversion proof compares.
 
     Every input of the program must be given, with its declared shape; values
     are converted to the declared dtype (as Core ML converts an fp32 array
@@ -107,7 +110,8 @@ def run_program(package: Path, inputs: dict[str, np.ndarray], *,
     if arithmetic not in ARITHMETICS:
         raise ValueError(f"arithmetic must be one of {ARITHMETICS}, not {arithmetic!r}")
     program = _read_program(package)
-    values = _run(program, inputs, widen=arithmetic == "fp32")
+    values = _run(program, inputs, widen=arithmetic != "declared",
+                  float_activations=arithmetic == "fp32-float-activations")
     return {name: values[name] for name in program.block.outputs}
 
 
@@ -131,13 +135,13 @@ def trace_program(package: Path, inputs: dict[str, np.ndarray]) -> dict[str, np.
 
 
 def _run(program: _Program, inputs: Mapping[str, np.ndarray], *,
-         widen: bool = False) -> dict[str, Any]:
+         widen: bool = False, float_activations: bool = False) -> dict[str, Any]:
     """Every value the program computes, by name (see `run_program` for `widen`)."""
     _check_supported(program)
     values = _bind_inputs(program, inputs)
     weights = _WeightFiles(program.model_dir)
     for op in program.block.operations:
-        _evaluate(op, values, weights, widen=widen)
+        _evaluate(op, values, weights, widen=widen, float_activations=float_activations)
     return values
 
 
@@ -520,10 +524,12 @@ def _check_supported(program: _Program) -> None:
             )
 
 
-def _evaluate(op: Any, values: dict[str, Any], weights: _WeightFiles, *, widen: bool) -> None:
+def _evaluate(op: Any, values: dict[str, Any], weights: _WeightFiles, *, widen: bool,
+              float_activations: bool = False) -> None:
     """Run one op and store its outputs in `values`, rounded to their declared dtypes.
 
     `widen`: fp16 results and constants become float32 instead (see `run_program`).
+    `float_activations`: a quantize or dequantize of a float value passes it through.
     """
     output = op.outputs[0].name
     if op.type == "const":
@@ -541,14 +547,23 @@ def _evaluate(op: Any, values: dict[str, Any], weights: _WeightFiles, *, widen: 
             if key != "name" and key not in arguments:
                 arguments[key] = (_value(attribute, weights, where=f"{op.type} '{output}'"),)
     call = _Op(type=op.type, output=output, inputs=arguments)
+    if float_activations and op.type in ("quantize", "dequantize"):
+        value = call.arg("input")
+        if getattr(value, "dtype", None) is not None and value.dtype.kind == "f":
+            values[output] = _widened(value)
+            return
     if widen and op.type == "cast" and str(call.arg("dtype")) == "fp16":
         values[output] = _widened(call.arg("x"))
         return
     results = _OPS[op.type](call)
     if len(op.outputs) == 1:
         results = (results,)
+    # A decompressed weight is stored as the device holds it (fp16 in an fp16 program), so
+    # widening keeps its rounding: "fp32" arithmetic computes with the weights as stored.
+    stored = op.type.startswith(_CONSTEXPR)
     for declared, result in zip(op.outputs, results, strict=True):
-        values[declared.name] = _conform(result, declared, call, widen=widen)
+        value = _conform(result, declared, call, widen=widen and not stored)
+        values[declared.name] = _widened(value) if widen and stored else value
 
 
 def _widened(value: Any) -> Any:

@@ -9,7 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mobileone_cli.proof.compare import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
+from mobileone_cli.proof.compare import (
+    DEFAULT_MIN_AGREEMENT,
+    DEFAULT_MIN_COSINE,
+    QUANTIZED_MIN_AGREEMENT,
+    QUANTIZED_MIN_COSINE,
+)
 from mobileone_cli.proof.inputs import DEFAULT_INPUT_SIZE
 
 TARGETS = ("safetensors", "onnx", "coreml", "executorch", "tflite", "ort")
@@ -43,12 +48,16 @@ class OnnxOptions:
     """Run onnxsim (constant folding, dead-node removal) before the checker."""
 
 
+DEFAULT_COREML_TARGET = "iOS16"
+
+
 @dataclass(frozen=True)
 class CoreMLOptions:
     """How to convert and describe the package; the defaults suit an iPhone app."""
 
-    target: str = "iOS16"
-    """Minimum deployment target, a `coremltools.target` name (iOS15+, macOS12+, ...)."""
+    target: str | None = None
+    """Minimum deployment target, a `coremltools.target` name (iOS15+, macOS12+, ...); None:
+    `DEFAULT_COREML_TARGET`, or the oldest that runs the `--quantize` mode's ops."""
     precision: str = "fp16"
     """Compute precision, "fp16" or "fp32"; inputs and outputs are fp32 either way."""
     image_input: bool = False
@@ -76,10 +85,46 @@ class Gates:
     max_macs: float | None = None
     max_size_mb: float | None = None
     """Per artifact, in MB of 10^6 bytes."""
-    min_cosine: float = DEFAULT_MIN_COSINE
-    """Worst per-sample cosine of a reduced-precision artifact against the fp32 model."""
-    min_agreement: float = DEFAULT_MIN_AGREEMENT
-    """Top-1 agreement of a reduced-precision classifier with the fp32 model."""
+    min_cosine: float | None = None
+    """Mean per-sample cosine of a reduced-precision artifact against the fp32 model; None:
+    `DEFAULT_MIN_COSINE` for fp16/bf16, `QUANTIZED_MIN_COSINE` for a `--quantize` mode."""
+    min_agreement: float | None = None
+    """Top-1 agreement of a reduced-precision classifier with the fp32 model; None: the
+    default of the artifact's kind, as for `min_cosine`."""
+
+    def cost_gates(self, *, quantized: bool) -> tuple[float, float]:
+        """(min mean cosine, min top-1 agreement) for an artifact of this kind."""
+        cosine = QUANTIZED_MIN_COSINE if quantized else DEFAULT_MIN_COSINE
+        agreement = QUANTIZED_MIN_AGREEMENT if quantized else DEFAULT_MIN_AGREEMENT
+        return (cosine if self.min_cosine is None else self.min_cosine,
+                agreement if self.min_agreement is None else self.min_agreement)
+
+
+QUANTIZE_MODES = ("w8", "w8a8", "pal8", "pal6", "pal4", "fp16")
+"""Every `--quantize` mode of some target; `compress.TARGET_MODES` says which target does which
+(tests/test_quantize.py checks the two agree)."""
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+DEFAULT_CALIBRATION_METHOD = "minmax"
+HELD_OUT_EVERY = 5
+"""Without `--inputs`, every 5th calibration image (sorted) is held out to measure the cost."""
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """`export --quantize MODE`: how to compress, on which images, what to keep float."""
+
+    mode: str | None = None
+    """As `compress.TARGET_MODES` names it; None writes float artifacts."""
+    calibration_dir: Path | None = None
+    """A folder of images or an ImageFolder tree; required by modes that quantize activations."""
+    calibration_count: int | None = None
+    """Use this many calibration images, picked evenly; all when None."""
+    calibration_method: str = DEFAULT_CALIBRATION_METHOD
+    """ONNX w8a8: "minmax", "entropy" or "percentile"."""
+    keep_float: tuple[str, ...] = ()
+    """Folded layer names to keep float."""
+    keep_float_count: int = 0
+    """Also keep the N layers `report --sensitivity` ranks worst."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +154,7 @@ class ExportOptions:
     onnx: OnnxOptions = field(default_factory=OnnxOptions)
     coreml: CoreMLOptions = field(default_factory=CoreMLOptions)
     tflite: LiteRTOptions = field(default_factory=LiteRTOptions)
+    quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
 
     @property
     def is_bundle(self) -> bool:
@@ -177,3 +223,16 @@ class ReportOptions:
     runs: int = DEFAULT_REPORT_RUNS
     warmup: int = DEFAULT_REPORT_WARMUP
     per_stage: bool = False
+
+
+@dataclass(frozen=True)
+class SensitivityOptions:
+    """`report --sensitivity`: rank a model's folded layers by what int8 weights cost each."""
+
+    source: Path
+    calibration_dir: Path
+    calibration_count: int | None = None
+    mode: str = "w8"
+    """An int8-weight mode (w8, w8a8): each layer's weight is fake-quantized per channel."""
+    input_size: int = DEFAULT_INPUT_SIZE
+    ema: bool = False

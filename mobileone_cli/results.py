@@ -64,46 +64,139 @@ class Verification:
     inputs: tuple[str, ...]
     reference: str = "train-time fp32"
     """What the candidate was compared with."""
+    weights: WeightCheck | None = None
+    """A compressed artifact: its stored weights against the folded ones."""
 
     @property
     def passed(self) -> bool:
         """True when every check this result holds has passed."""
-        return self.max_rel_diff <= self.rtol
+        return self.max_rel_diff <= self.rtol and (self.weights is None or self.weights.passed)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape of this result, as `--json` prints it."""
-        figures = _finite_or_none(asdict(self))
-        return {**figures, "inputs": list(self.inputs), "passed": self.passed}
+        figures = _finite_or_none({key: value for key, value in asdict(self).items()
+                                   if key != "weights"})
+        return {**figures, "inputs": list(self.inputs),
+                "weights": self.weights.to_dict() if self.weights else None,
+                "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class WeightCheck:
+    """Whether a compressed artifact's stored weights are a correct compression of the folded ones.
+
+    Per layer, the largest |stored - folded| in units of the mode's step: an
+    int8 channel's scale (max|w| / 127) or a palette's spread / 2^bits. Round
+    to nearest keeps a correct int8 weight within half a step; a k-means
+    palette keeps every weight near its centroid. A reversed row, a swapped
+    index table or a corrupted palette lands many steps away.
+    """
+
+    scheme: str
+    """"int8 per output channel" or "palette of 2^bits per group"."""
+    layers: int
+    """How many layers are stored compressed (the others must equal the rounded folded weight)."""
+    worst_layer: str
+    worst_error: float
+    """In steps of the scheme."""
+    limit: float
+    worst_bias: str = ""
+    """The layer whose stored bias (float, or int32 in a QDQ graph) is farthest off."""
+    worst_bias_error: float = 0.0
+    """max |stored - folded| / max |folded| of that bias."""
+    bias_limit: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        """True when every stored weight is within `limit` steps of its folded value."""
+        weights_ok = math.isfinite(self.worst_error) and self.worst_error <= self.limit
+        return weights_ok and (not self.worst_bias or self.worst_bias_error <= self.bias_limit)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
+        return {**_finite_or_none(asdict(self)), "passed": self.passed}
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How an artifact was compressed by `export --quantize`, as the file records it."""
+
+    mode: str
+    """"w8", "pal4", "w8a8", "fp16" ... as `--quantize` names it."""
+    weights: str
+    activations: str
+    kept_float: tuple[str, ...] = ()
+    """Folded layers the user kept in float."""
+    calibration: Mapping[str, Any] | None = None
+    """Count, sha256 of the file list, method; None for weight-only modes."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this record (also what the file's metadata holds)."""
+        return {"mode": self.mode, "weights": self.weights, "activations": self.activations,
+                "kept_float": list(self.kept_float),
+                "calibration": dict(self.calibration) if self.calibration else None}
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> Compression:
+        """Back from `to_dict`'s shape (a file's `mobileone.compression` metadata)."""
+        return cls(mode=str(record["mode"]), weights=str(record.get("weights", "")),
+                   activations=str(record.get("activations", "")),
+                   kept_float=tuple(record.get("kept_float") or ()),
+                   calibration=record.get("calibration"))
 
 
 @dataclass(frozen=True)
 class PrecisionCost:
-    """What a reduced-precision artifact gives up against the fp32 train-time model.
+    """What a reduced-precision or compressed artifact gives up against the fp32 train-time model.
 
-    Measured with the artifact run in its own precision, on the verification
-    inputs; gated by `--min-cosine` and `--min-agreement`.
+    Measured with the artifact run in its own arithmetic, on the verification
+    inputs (held-out images when given); gated by `--min-cosine` on the mean
+    per-sample cosine and `--min-agreement` on top-1 agreement.
     """
 
     precision: str
+    """"fp16", "bfloat16", or the `--quantize` mode ("w8", "pal4", "w8a8" ...)."""
     top1_agreement: float | None
     top5_agreement: float | None
     mean_cosine: float
     worst_cosine: float
     max_rel_diff: float
     min_cosine: float
-    """The gate on `worst_cosine`."""
+    """The gate on `mean_cosine`."""
     min_agreement: float
     """The gate on `top1_agreement` (classifiers only)."""
+    samples: int = 0
+    reference_top1: float | None = None
+    """Top-1 accuracy of the fp32 train-time model on labelled inputs; None without labels."""
+    artifact_top1: float | None = None
+
+    @property
+    def top1_delta(self) -> float | None:
+        """artifact_top1 - reference_top1 (negative: the artifact loses accuracy)."""
+        if self.reference_top1 is None or self.artifact_top1 is None:
+            return None
+        return self.artifact_top1 - self.reference_top1
 
     @property
     def passed(self) -> bool:
         """True when every check this result holds has passed."""
         agreement_ok = self.top1_agreement is None or self.top1_agreement >= self.min_agreement
-        return self.worst_cosine >= self.min_cosine and agreement_ok
+        return self.mean_cosine >= self.min_cosine and agreement_ok
+
+    def failures(self) -> list[str]:
+        """One phrase per gate the figures miss."""
+        failed = []
+        if self.top1_agreement is not None and self.top1_agreement < self.min_agreement:
+            failed.append(f"top-1 agreement {self.top1_agreement:.3f} < --min-agreement "
+                          f"{self.min_agreement:g}")
+        if not self.mean_cosine >= self.min_cosine:
+            failed.append(f"mean cosine {self.mean_cosine:.3f} < --min-cosine {self.min_cosine:g}")
+        return failed
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape of this result, as `--json` prints it."""
-        return {**_finite_or_none(asdict(self)), "passed": self.passed}
+        return {**_finite_or_none(asdict(self)), "top1_delta": self.top1_delta,
+                "passed": self.passed}
 
 
 @dataclass(frozen=True)
@@ -124,6 +217,8 @@ class Declared:
     """What the model stores and computes in: "fp32", "fp16", "bfloat16", "int8"..."""
     outputs_probabilities: bool = False
     """The output is soft-maxed probabilities (a Core ML classifier), not logits."""
+    compression: Compression | None = None
+    """How `export --quantize` compressed it, as recorded in the file; None if not."""
     details: Mapping[str, Any] = field(default_factory=dict)
     """Format-specific facts for the manifest (opset and IR, deployment target ...)."""
 
@@ -144,6 +239,7 @@ class Declared:
                 "input_shape": list(self.input_shape), "output_names": list(self.output_names),
                 "layout": self.layout, "dtype": self.dtype, "precision": self.precision,
                 "outputs_probabilities": self.outputs_probabilities,
+                "compression": self.compression.to_dict() if self.compression else None,
                 "details": dict(self.details)}
 
 
@@ -413,3 +509,46 @@ class ManifestCheck:
                 "hashes": [check.to_dict() for check in self.hashes],
                 "verifications": [check.to_dict() for check in self.verifications],
                 "problems": list(self.problems)}
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """What quantizing one folded layer alone costs, and how its kernel is shaped."""
+
+    layer: str
+    relative_error: float
+    """||out_q - out||^2 / ||out||^2 over the inputs, only this layer's weight fake-quantized."""
+    top1_agreement: float | None
+    """With the fp32 folded model; None for a headless backbone."""
+    outlier: float
+    """max over output channels of max|w_c| / std(w_c): how far the largest weight of a
+    channel sits from its spread, in standard deviations. An int8 per-channel grid spends
+    its 255 steps on [-max, max], so a large figure leaves the bulk of the weights few steps."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this row."""
+        return _finite_or_none(asdict(self))
+
+
+@dataclass(frozen=True)
+class SensitivityReport:
+    """`report --sensitivity`: every folded layer, worst first, by the error of quantizing it alone."""
+
+    source: Path
+    variant: str
+    scheme: str
+    """How each layer is quantized in turn, e.g. "int8 per output channel, symmetric"."""
+    images: int
+    images_sha256: str
+    layers: tuple[LayerSensitivity, ...]
+
+    @property
+    def exit_code(self) -> int:
+        """Always 0: a measurement."""
+        return EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape of this result, as `--json` prints it."""
+        return {"source": str(self.source), "variant": self.variant, "scheme": self.scheme,
+                "images": self.images, "images_sha256": self.images_sha256,
+                "layers": [layer.to_dict() for layer in self.layers]}

@@ -1,4 +1,4 @@
-"""mobileone_cli.compress and mobileone_cli.cost: modes, references, and what compression costs.
+"""mobileone_cli.compress and proof.compare.cost_of: modes, references, and what compression costs.
 
 Small programs (a quarter-width MobileOne at 32 px) for the mechanics; the trained
 digits fixture for real accuracy, and broken quantizations that the gate must catch.
@@ -17,12 +17,6 @@ from fixtures.digits import IMAGE_SIZE, Digits
 from mobileone_cli import compress
 from mobileone_cli.calibration import ImageSet, load_images
 from mobileone_cli.checkpoint import load_checkpoint
-from mobileone_cli.cost import (
-    DEFAULT_MIN_AGREEMENT,
-    DEFAULT_MIN_COSINE,
-    PrecisionCost,
-    precision_cost,
-)
 from mobileone_cli.errors import ExportFailedError, UsageError
 from mobileone_cli.export import coreml as coreml_export
 from mobileone_cli.export import onnx as onnx_export
@@ -31,6 +25,8 @@ from mobileone_cli.fold import fold_state
 from mobileone_cli.mil import quiet_coremltools, run_program, summarize_program
 from mobileone_cli.model import build_model
 from mobileone_cli.options import CoreMLOptions, OnnxOptions
+from mobileone_cli.proof.compare import QUANTIZED_MIN_AGREEMENT, QUANTIZED_MIN_COSINE, cost_of
+from mobileone_cli.results import PrecisionCost
 from mobileone_cli.variants import ArchitectureSpec
 
 MEAN = (0.485, 0.456, 0.406)
@@ -322,6 +318,13 @@ def test_onnx_w8a8_keep_float_and_methods(onnx_fp32: Path, calibration: ImageSet
 # --- Costs on the trained digits --------------------------------------------------------
 
 
+def precision_cost(reference: np.ndarray, artifact: np.ndarray, *,
+                   labels: np.ndarray | None = None, min_agreement: float = QUANTIZED_MIN_AGREEMENT,
+                   min_cosine: float = QUANTIZED_MIN_COSINE) -> PrecisionCost:
+    return cost_of(reference, artifact, precision="int8", is_classifier=True, labels=labels,
+                   min_cosine=min_cosine, min_agreement=min_agreement)
+
+
 def test_precision_cost_figures_on_a_hand_made_case() -> None:
     reference = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [1.0, 0.0, 5.0]])
     artifact = np.array([[3.0, 1.0, 0.0], [0.0, 1.0, 2.0], [1.0, 0.0, 4.0]])
@@ -330,20 +333,20 @@ def test_precision_cost_figures_on_a_hand_made_case() -> None:
     assert cost.top1_agreement == pytest.approx(2 / 3)
     assert cost.top5_agreement == 1.0
     assert cost.worst_cosine == pytest.approx(4 / 5)  # (0,2,1).(0,1,2) / 5
-    assert cost.max_relative_error == pytest.approx(1 / 5)
+    assert cost.max_rel_diff == pytest.approx(1 / 5)
     assert (cost.reference_top1, cost.artifact_top1) == (pytest.approx(2 / 3), 1.0)
     assert cost.top1_delta == pytest.approx(1 / 3)
     assert cost.mean_cosine == pytest.approx((1 + 4 / 5 + 21 / np.sqrt(26 * 17)) / 3)
-    assert cost.failures(min_agreement=0.9, min_cosine=0.5) == [
+    assert precision_cost(reference, artifact, min_agreement=0.9, min_cosine=0.5).failures() == [
         "top-1 agreement 0.667 < --min-agreement 0.9"]
-    assert cost.failures(min_agreement=0.5, min_cosine=0.99) == [
+    assert precision_cost(reference, artifact, min_agreement=0.5, min_cosine=0.99).failures() == [
         f"mean cosine {cost.mean_cosine:.3f} < --min-cosine 0.99"]
-    assert precision_cost(reference, reference).failures(min_agreement=1.0,
-                                                         min_cosine=1 - 1e-12) == []
+    assert precision_cost(reference, reference, min_agreement=1.0,
+                          min_cosine=1 - 1e-12).failures() == []
 
 
 def gate(cost: PrecisionCost) -> list[str]:
-    return cost.failures(min_agreement=DEFAULT_MIN_AGREEMENT, min_cosine=DEFAULT_MIN_COSINE)
+    return cost.failures()
 
 
 def test_digits_onnx_w8a8_passes_the_gate_and_per_tensor_fails_it(
@@ -458,7 +461,7 @@ def test_the_compression_modules_import_nothing_heavy() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, mobileone_cli.compress, mobileone_cli.cost, mobileone_cli.calibration; "
+    code = ("import sys, mobileone_cli.compress, mobileone_cli.calibration; "
             "print(sorted({'numpy', 'torch', 'coremltools', 'onnx', 'onnxruntime', 'PIL'} "
             "& set(sys.modules)))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -3,8 +3,8 @@
 litert-torch takes about 8 s of CPU a conversion at 64 px, so this module converts
 three times: S0 channels-last (the Android camera layout, checked against the
 NCHW torch model), S4 channels-first with squeeze-excite (the other layout
-and the deepest graph), and S0 again for byte identity. The middle variants
-share S0's and S4's blocks and go through ExecuTorch and ORT in their tests.
+and the deepest graph), and S0 again for byte identity. S1-S3 and the other
+layouts go through the public API in tests/test_on_device_layouts.py.
 About 33 s of CPU for the module.
 """
 

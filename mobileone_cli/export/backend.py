@@ -8,16 +8,20 @@ Staging, proof, gates and moving into place are the pipeline's.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mobileone_cli.results import Declared
+from mobileone_cli.results import Compression, Declared
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
+
+COMPRESSION_KEY = "mobileone.compression"
+"""Metadata key of a compressed artifact: `results.Compression.to_dict()` as JSON."""
 
 Runner = Callable[["np.ndarray"], "np.ndarray"]
 """Normalised float32 N x 3 x H x W in (NCHW whatever the file's layout), output out."""
@@ -79,6 +83,12 @@ class Candidate:
     run: Runner
     run_full_precision: Runner | None = None
     as_torch: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    stored_weights: Callable[[], Mapping[str, np.ndarray]] | None = None
+    """A compressed artifact: parameter name (`stage1.0.reparam_conv.weight`, and `....bias`
+    where the artifact stores it quantized) -> its value as the artifact computes with it
+    (decompressed, float32), for the weight check and the proof.
+    `run_full_precision` then computes with these weights, float32 arithmetic and float
+    activations, so the torch module holding them is its exact reference."""
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """`run`: the artifact as its runtime computes it."""
@@ -117,6 +127,17 @@ class Backend(Protocol):
     def open(self, path: Path) -> Candidate:
         """The file at `path` in its own runtime; BadArtifactError if it is not one."""
         ...
+
+
+def read_compression(metadata: Mapping[str, str]) -> Compression | None:
+    """The compression record a file's metadata holds (`COMPRESSION_KEY`), if any."""
+    text = metadata.get(COMPRESSION_KEY)
+    if not text:
+        return None
+    try:
+        return Compression.from_dict(json.loads(text))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def first_line(error: BaseException) -> str:

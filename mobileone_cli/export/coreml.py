@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,10 +48,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mobileone_cli import __version__
+from mobileone_cli.compress import compress_coreml, decompressed_weights
 from mobileone_cli.errors import BadArtifactError, ExportFailedError, OutputError, UsageError
-from mobileone_cli.export.backend import Candidate, WriteContext, check_fits, first_line, in_chunks
+from mobileone_cli.export.backend import (
+    Candidate,
+    WriteContext,
+    check_fits,
+    first_line,
+    in_chunks,
+    read_compression,
+)
 from mobileone_cli.mil import quiet_coremltools, read_spec, run_program, summarize_program
-from mobileone_cli.options import CoreMLOptions
+from mobileone_cli.options import DEFAULT_COREML_TARGET, CoreMLOptions
 from mobileone_cli.proof.inputs import IMAGENET_MEAN, IMAGENET_STD
 from mobileone_cli.results import Declared
 
@@ -112,7 +121,7 @@ def write(
                           hint=f"name the output {path.stem}{PACKAGE_SUFFIX}")
     options: CoreMLOptions = context.options or CoreMLOptions()
     labels, size, output_name = context.labels, context.input_size, context.output_name
-    target = deployment_target(options.target)
+    target = deployment_target(options.target or DEFAULT_COREML_TARGET)
     _check_precision(options.precision)
     example = torch.zeros(1, 3, size, size)
     with torch.inference_mode():
@@ -140,13 +149,32 @@ def write(
                 f"coremltools could not convert the model: {first_line(error)}"
             ) from error
     _describe(mlmodel, context=context, options=options, features=example_output.dim() == 4)
-    try:
-        mlmodel.save(str(path))  # replaces whatever is at `path`
-    finally:
-        # coremltools keeps a temporary copy of the package until exit: a large folder per export.
-        if mlmodel.is_temp_package:
-            shutil.rmtree(mlmodel.package_path, ignore_errors=True)
+    quantization = context.quantization
+    with tempfile.TemporaryDirectory(prefix="mobileone-coreml-") as folder:
+        float_package = path if quantization is None else Path(folder) / path.name
+        try:
+            mlmodel.save(str(float_package))  # replaces whatever is at `float_package`
+        finally:
+            # coremltools keeps a temporary copy of the package until exit: a large folder.
+            if mlmodel.is_temp_package:
+                shutil.rmtree(mlmodel.package_path, ignore_errors=True)
+        if quantization is not None:
+            image_input = options.image_input
+            calibration = quantization.calibration
+            if calibration is not None and image_input:  # the program takes 0-255 pixels
+                calibration = _to_pixels(calibration, context.mean, context.std)
+            compress_coreml(float_package, path, mode=quantization.mode,
+                            calibration=calibration, keep_float=quantization.keep_float)
     _make_reproducible(path)
+
+
+def _to_pixels(batch: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """Normalised N x 3 x H x W as the 0-255 pixels an image input takes (as `open` feeds them)."""
+    import numpy as np
+
+    scale = np.asarray(std, dtype=np.float64).reshape(1, -1, 1, 1) * PIXEL_RANGE
+    offset = np.asarray(mean, dtype=np.float64).reshape(1, -1, 1, 1) * PIXEL_RANGE
+    return (batch * scale + offset).astype(np.float32)
 
 
 def _make_reproducible(package: Path) -> None:
@@ -383,13 +411,12 @@ def open(path: Path) -> Candidate:
 
     info = describe(path)
     mean, std = _normalisation(path)
-    pixel_scale = np.asarray(std, dtype=np.float64).reshape(1, -1, 1, 1) * PIXEL_RANGE
-    pixel_offset = np.asarray(mean, dtype=np.float64).reshape(1, -1, 1, 1) * PIXEL_RANGE
+    compression = read_compression(read_spec(path).description.metadata.userDefined)
 
     def runner(arithmetic: str) -> Callable[[np.ndarray], np.ndarray]:
         def run_one(array: np.ndarray) -> np.ndarray:
             if info.image_input:
-                array = (array * pixel_scale + pixel_offset).astype(np.float32)
+                array = _to_pixels(array, mean, std)
             outputs = run_program(path, {INPUT_NAME: array}, arithmetic=arithmetic)
             return np.asarray(outputs[info.output]).astype(np.float32, copy=False)
 
@@ -406,6 +433,7 @@ def open(path: Path) -> Candidate:
         output_names=info.outputs,
         precision=info.precision,
         outputs_probabilities=info.is_classifier,
+        compression=compression,
         details={"deployment_target": info.deployment_target,
                  "image_input": info.image_input,
                  "compute_precision": info.precision},
@@ -414,8 +442,17 @@ def open(path: Path) -> Candidate:
         return _torch_equivalent(model, image_input=info.image_input,
                                  probabilities=info.is_classifier, mean=mean, std=std)
 
+    def stored_weights() -> dict[str, np.ndarray]:
+        sample = np.zeros(info.input_shape, dtype=np.float32)
+        return {f"{layer}.weight": weight
+                for layer, weight in decompressed_weights(path, sample=sample).items()}
+
+    if compression is None:
+        return Candidate(declared=declared, run=runner("declared"),
+                         run_full_precision=runner("fp32"), as_torch=as_torch)
     return Candidate(declared=declared, run=runner("declared"),
-                     run_full_precision=runner("fp32"), as_torch=as_torch)
+                     run_full_precision=runner("fp32-float-activations"), as_torch=as_torch,
+                     stored_weights=stored_weights)
 
 
 def _torch_equivalent(model: torch.nn.Module, *, image_input: bool, probabilities: bool,

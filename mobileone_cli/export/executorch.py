@@ -32,9 +32,9 @@ its biases rounded as XNNPACK stores them (int32 at input x weight scale),
 the tight reference: measured on the digits fixture, max relative error 0.018
 and top-1 agreement 1.0 (0.10 and 0.983 with the float biases, because
 folded kernels have outlier channels whose bias step exceeds an output step).
-A quantized file declares `precision` "int8" when its metadata records the
-compression (`mobileone.compression`; the delegate's blob hides its tensors),
-and has no `run_full_precision`. Lowering a quantized model takes longer (the
+A quantized file declares `precision` "int8" and `compression` when its metadata
+records the compression (`mobileone.compression`; the delegate's blob hides
+its tensors), and has no `run_full_precision`. Lowering a quantized model takes longer (the
 digits model: 11 s against 4 s in float).
 
 Reproducibility: the same model and context give the same bytes (checked in
@@ -52,7 +52,13 @@ from typing import TYPE_CHECKING, Any
 
 from mobileone_cli.errors import BadArtifactError, UsageError
 from mobileone_cli.export import pt2e
-from mobileone_cli.export.backend import Candidate, WriteContext, check_fits, in_chunks
+from mobileone_cli.export.backend import (
+    Candidate,
+    WriteContext,
+    check_fits,
+    in_chunks,
+    read_compression,
+)
 from mobileone_cli.export.runtimes import (
     Runner,
     converting,
@@ -229,10 +235,10 @@ def _declared(path: Path, meta: Any, document: dict[str, Any], details: dict[str
                                  hint="pass a .pte of a model, written by mobileone")
     dtype = _DTYPES.get(int(inputs[0].dtype()), f"scalar type {inputs[0].dtype()}")
     # XNNPACK's delegate blob hides its int8 tensors; the pipeline's record says what was done.
-    compression = pt2e.compression_details(document.get("metadata") or {})
+    compression = read_compression(document.get("metadata") or {})
     precision = {"float32": "fp32", "float16": "fp16"}.get(dtype, dtype)
     if compression is not None:
-        precision = PRECISIONS.get(str(compression.get("mode")), precision)
+        precision = PRECISIONS.get(compression.mode, precision)
     return Declared(
         runtime=f"executorch {version_of('executorch') or 'unknown'}",
         input_name=(document.get("input") or {}).get("name", "input"),
@@ -242,8 +248,8 @@ def _declared(path: Path, meta: Any, document: dict[str, Any], details: dict[str
         layout="NCHW",
         dtype=dtype,
         precision=precision,
-        details={**details, **metadata_details(document),
-                 **({"compression": compression} if compression is not None else {})},
+        details={**details, **metadata_details(document)},
+        compression=compression,
     )
 
 

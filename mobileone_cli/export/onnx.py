@@ -22,14 +22,24 @@ no baked-in size, which a static file holds by definition.
 
 from __future__ import annotations
 
+import copy
+import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mobileone_cli import __version__
+from mobileone_cli.compress import DEFAULT_CALIBRATION_METHOD, compress_onnx
 from mobileone_cli.errors import BadArtifactError, ExportFailedError
-from mobileone_cli.export.backend import Candidate, WriteContext, check_fits, first_line, in_chunks
+from mobileone_cli.export.backend import (
+    Candidate,
+    WriteContext,
+    check_fits,
+    first_line,
+    in_chunks,
+    read_compression,
+)
 from mobileone_cli.options import OnnxOptions
 from mobileone_cli.quiet import captured
 from mobileone_cli.results import Declared
@@ -68,9 +78,30 @@ def companions(path: Path) -> tuple[Path, ...]:
 
 
 def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
-    """The folded model as one self-contained ONNX file at `path` (see `export`)."""
-    export(model, path, metadata=dict(context.metadata), options=context.options or OnnxOptions(),
-           input_size=context.input_size, output_name=context.output_name)
+    """The folded model as one self-contained ONNX file at `path` (see `export`).
+
+    With `context.quantization`, the float export is compressed (`compress.compress_onnx`)
+    and the result stamped with the same metadata and serialised deterministically.
+    """
+    options = context.options or OnnxOptions()
+    quantization = context.quantization
+    if quantization is None:
+        export(model, path, metadata=dict(context.metadata), options=options,
+               input_size=context.input_size, output_name=context.output_name)
+        return
+    import onnx
+
+    with tempfile.TemporaryDirectory(prefix="mobileone-onnx-") as folder:
+        float_path = Path(folder) / "float.onnx"
+        export(model, float_path, metadata={}, options=options,
+               input_size=context.input_size, output_name=context.output_name)
+        compress_onnx(float_path, path, mode=quantization.mode,
+                      calibration=quantization.calibration,
+                      method=quantization.calibration_method or DEFAULT_CALIBRATION_METHOD,
+                      keep_float=quantization.keep_float)
+    proto = onnx.load(str(path))
+    _stamp(proto, metadata=dict(context.metadata))
+    path.write_bytes(proto.SerializeToString(deterministic=True))
 
 
 def export(
@@ -220,6 +251,7 @@ def open(path: Path) -> Candidate:
         return in_chunks(lambda chunk: session.run(None, {model_input.name: chunk})[0],
                          array, batch=batch)
 
+    compression = read_compression({entry.key: entry.value for entry in proto.metadata_props})
     declared = Declared(
         runtime=f"onnxruntime {onnxruntime.__version__}",
         input_name=model_input.name,
@@ -229,8 +261,186 @@ def open(path: Path) -> Candidate:
                                if entry.domain in ("", "ai.onnx")), default=0),
                  "ir_version": proto.ir_version,
                  "producer": f"{proto.producer_name} {proto.producer_version}".strip()},
+        precision=_precision(proto) if compression else "fp32",
+        compression=compression,
     )
-    return Candidate(declared=declared, run=run, run_full_precision=run)
+    if compression is None:
+        return Candidate(declared=declared, run=run, run_full_precision=run)
+    full_precision = _float_session(proto, session_options)
+
+    def run_full_precision(array: np.ndarray) -> np.ndarray:
+        check_fits(array, expected, name=path.name)
+        batch = expected[0] if isinstance(expected[0], int) else None
+        return in_chunks(lambda chunk: full_precision.run(None, {model_input.name: chunk})[0],
+                         array, batch=batch)
+
+    return Candidate(declared=declared, run=run, run_full_precision=run_full_precision,
+                     stored_weights=lambda: stored_weights(proto))
+
+
+def _precision(proto: onnx.ModelProto) -> str:
+    """"int8" when weights are stored as int8 (DequantizeLinear), "fp16" when as fp16."""
+    from onnx import TensorProto
+
+    types = {initializer.data_type for initializer in proto.graph.initializer}
+    if TensorProto.INT8 in types or TensorProto.UINT8 in types:
+        return "int8"
+    return "fp16" if TensorProto.FLOAT16 in types else "fp32"
+
+
+def _weight_sources(proto: onnx.ModelProto) -> dict[str, str]:
+    """Folded layer name -> the tensor a Conv/Gemm reads as its weight, traced back through
+    DequantizeLinear and Cast to the stored initializer (`<layer>.weight...`)."""
+    producers = {output: node for node in proto.graph.node for output in node.output}
+    layers = {}
+    for node in proto.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        while name in producers and producers[name].op_type in ("DequantizeLinear", "Cast"):
+            name = producers[name].input[0]
+        layer, found, _ = name.partition(".weight")
+        if found:
+            layers[layer] = node.input[1]
+    return layers
+
+
+def stored_weights(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Parameter name (`stage1.0.reparam_conv.weight`, `....bias`) -> its value as the model
+    computes with it (float32).
+
+    An int8 weight is dequantized exactly as DequantizeLinear does it ((q - zero_point) *
+    scale along its axis, in float32); an fp16 weight is widened.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    initializers = {item.name: item for item in proto.graph.initializer}
+    producers = {output: node for node in proto.graph.node for output in node.output}
+
+    def value(name: str) -> np.ndarray:
+        if name in initializers:
+            return numpy_helper.to_array(initializers[name]).astype(np.float32)
+        node = producers[name]
+        if node.op_type == "Cast":
+            return value(node.input[0])
+        quantized = numpy_helper.to_array(initializers[node.input[0]]).astype(np.float32)
+        scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+        zero = (numpy_helper.to_array(initializers[node.input[2]]).astype(np.float32)
+                if len(node.input) > 2 and node.input[2] else np.zeros_like(scale))
+        axis = next((attribute.i for attribute in node.attribute if attribute.name == "axis"), 1)
+        if scale.ndim == 1 and scale.size > 1:
+            shape = [1] * quantized.ndim
+            shape[axis] = scale.size
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        return ((quantized - zero) * scale).astype(np.float32)
+
+    tensors = {}
+    for layer, weight in _weight_sources(proto).items():
+        tensors[f"{layer}.weight"] = value(weight)
+        bias = f"{layer}.bias"
+        if bias in initializers or (bias in producers
+                                    and producers[bias].op_type in ("DequantizeLinear", "Cast")):
+            tensors[bias] = value(bias)
+    return tensors
+
+
+def _float_session(proto: onnx.ModelProto, session_options: Any) -> Any:
+    """The same stored weights with float32 arithmetic and float activations.
+
+    fp16: every fp16 initializer widened (exactly) and every cast to fp16 made a cast to
+    fp32. int8: each QuantizeLinear -> DequantizeLinear pair on an activation removed (its
+    consumers read the float tensor); the weights' DequantizeLinear stay. What is left is
+    the stored weights in a float32 graph, whose torch twin is the conversion proof.
+    """
+    import numpy as np
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = copy.deepcopy(proto)
+    graph = model.graph
+    initializers = {item.name for item in graph.initializer}
+    for index, initializer in enumerate(graph.initializer):
+        if initializer.data_type == TensorProto.FLOAT16:
+            widened = numpy_helper.from_array(
+                numpy_helper.to_array(initializer).astype(np.float32), initializer.name)
+            graph.initializer[index].CopyFrom(widened)
+    for node in graph.node:
+        if node.op_type == "Cast":
+            for attribute in node.attribute:
+                if attribute.name == "to" and attribute.i == TensorProto.FLOAT16:
+                    attribute.i = TensorProto.FLOAT
+    for info in (*graph.value_info, *graph.input, *graph.output):
+        if info.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            info.type.tensor_type.elem_type = TensorProto.FLOAT
+    nodes = list(graph.node)
+    producers = {output: index for index, node in enumerate(nodes) for output in node.output}
+    bypass: dict[str, str] = {}
+    relus: list[onnx.NodeProto] = []
+    removed: set[int] = set()  # indices: protobuf wrappers are not stable objects to id()
+    for index, node in enumerate(nodes):
+        if node.op_type != "DequantizeLinear" or node.input[0] in initializers:
+            continue
+        source = producers.get(node.input[0])
+        if source is not None and nodes[source].op_type == "QuantizeLinear":
+            quantize = nodes[source]
+            removed.update({index, source})
+            if _clips_at_zero(quantize, graph.initializer):
+                # The quantizer dropped the ReLU this range stood for: put it back.
+                relus.append(helper.make_node("Relu", [quantize.input[0]], [node.output[0]]))
+            else:
+                bypass[node.output[0]] = quantize.input[0]
+    kept = [node for index, node in enumerate(nodes) if index not in removed] + relus
+    for node in kept:
+        for position, name in enumerate(node.input):
+            while name in bypass:  # a requantized tensor: follow the chain back to float
+                name = bypass[name]
+            node.input[position] = name
+    # A quantized graph output (the logits) keeps its name through an Identity.
+    for output in graph.output:
+        name = output.name
+        while name in bypass:
+            name = bypass[name]
+        if name != output.name:
+            kept.append(helper.make_node("Identity", [name], [output.name]))
+    del graph.node[:]
+    graph.node.extend(kept)
+    model.graph.ClearField("value_info")  # shapes of removed tensors; onnxruntime infers them
+    _sort_topologically(model.graph)
+    return onnxruntime.InferenceSession(model.SerializeToString(), sess_options=session_options,
+                                        providers=["CPUExecutionProvider"])
+
+
+def _clips_at_zero(quantize: onnx.NodeProto, initializers: Any) -> bool:
+    """Whether a QuantizeLinear's range starts at 0 (zero point at the type's minimum): how
+    onnxruntime's quantizer represents a ReLU it removed."""
+    from onnx import TensorProto, numpy_helper
+
+    if len(quantize.input) < 3:
+        return False
+    zero_point = next((item for item in initializers if item.name == quantize.input[2]), None)
+    if zero_point is None:
+        return False
+    lowest = {TensorProto.INT8: -128, TensorProto.UINT8: 0}.get(zero_point.data_type)
+    return lowest is not None and bool((numpy_helper.to_array(zero_point) == lowest).all())
+
+
+def _sort_topologically(graph: Any) -> None:
+    """Reorder the graph's nodes so each comes after the producers of its inputs."""
+    available = {item.name for item in graph.initializer} | {item.name for item in graph.input}
+    pending = list(graph.node)
+    ordered = []
+    while pending:
+        ready = [node for node in pending if all(not name or name in available
+                                                  for name in node.input)]
+        if not ready:
+            raise ExportFailedError("the float twin of the quantized graph has a cycle")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        pending = [node for node in pending if node not in ready]
+    del graph.node[:]
+    graph.node.extend(ordered)
 
 
 def op_counts(path: Path) -> dict[str, int]:

@@ -29,6 +29,7 @@ from mobileone_cli.bundle import (
 )
 from mobileone_cli.checkpoint import LoadedCheckpoint, load_checkpoint, output_layouts
 from mobileone_cli.errors import BadArtifactError, ExportFailedError, UsageError
+from mobileone_cli.export import compression
 from mobileone_cli.export.backend import Backend, Candidate, WriteContext
 from mobileone_cli.export.registry import BACKENDS, backend_for_path, get_backend
 from mobileone_cli.files import check_destination, replace_path, sha256_path, size_of, staging_path
@@ -41,6 +42,7 @@ from mobileone_cli.proof.inputs import (
     DEFAULT_INPUT_SIZE,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    InputBatch,
     default_inputs,
     image_inputs,
 )
@@ -69,6 +71,7 @@ from mobileone_cli.validation import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 Progress = Callable[[str], None]
@@ -105,7 +108,8 @@ class FoldedModel:
 
 def fold_and_prove(loaded: LoadedCheckpoint, *, rtol: float | None = None,
                    inputs_dir: Path | None = None, input_size: int = DEFAULT_INPUT_SIZE,
-                   keep_distillation_head: bool = False) -> FoldedModel:
+                   keep_distillation_head: bool = False,
+                   batches: tuple[InputBatch, ...] | None = None) -> FoldedModel:
     """Fold `loaded` in float64, run the train-time reference once, prove the fold against it.
 
     An already-folded source has nothing to fold: its state is taken as it is,
@@ -114,7 +118,9 @@ def fold_and_prove(loaded: LoadedCheckpoint, *, rtol: float | None = None,
     state = loaded.state if loaded.is_folded else fold_state(
         loaded.spec, loaded.state, keep_distillation_head=keep_distillation_head)
     check_folded_finite(state)  # extreme weights are bad input, not a fold bug
-    batches = image_inputs(inputs_dir, size=input_size) if inputs_dir else default_inputs(input_size)
+    if batches is None:
+        batches = (image_inputs(inputs_dir, size=input_size) if inputs_dir
+                   else default_inputs(input_size))
     name = "the source itself (already folded)" if loaded.is_folded else "train-time fp32"
     reference = run_reference(loaded.spec, loaded.state, batches, name=name)
     check_reference_finite(reference.outputs_fp32)
@@ -281,8 +287,14 @@ def export(options: ExportOptions, *, progress: Progress = _quiet) -> ExportResu
     place by one rename only when every check passed, so an interrupted or failed
     run leaves the destination as it was.
     """
+    options = compression.with_coreml_target(options)
     backends, skipped = resolve_targets(options)
     check_options_fit_targets(options)
+    quantize_plan = compression.plan(options, backends)
+    if quantize_plan is not None and quantize_plan.skipped:
+        skipped = (*skipped, *quantize_plan.skipped)
+        backends = tuple(backend for backend in backends
+                         if backend.name in quantize_plan.targets)
     if options.output is not None:  # known before loading: checked before any work
         _check_destination(options.output, options, backends)
         output_paths(options, backends, stem="")
@@ -295,10 +307,15 @@ def export(options: ExportOptions, *, progress: Progress = _quiet) -> ExportResu
     labels = (read_labels(options.labels_file, num_classes=loaded.spec.num_classes)
               if options.labels_file else None)
     check_layout(options.safetensors.layout, loaded)
+    prepared = None
+    if quantize_plan is not None:
+        progress("reading the calibration and held-out images")
+        prepared = compression.load_inputs(options)
     progress("folding and proving the fold")
     folded = fold_and_prove(loaded, rtol=options.rtol, inputs_dir=options.inputs_dir,
                             input_size=options.input_size,
-                            keep_distillation_head=options.keep_distillation_head)
+                            keep_distillation_head=options.keep_distillation_head,
+                            batches=prepared.held_out if prepared else None)
     summary = summarize(loaded)
     if not folded.verification.passed:
         return ExportResult(summary, folded.verification, artifacts=(), written=False,
@@ -307,6 +324,13 @@ def export(options: ExportOptions, *, progress: Progress = _quiet) -> ExportResu
     layout = options.safetensors.layout or loaded.layout
     metadata = file_metadata(loaded, layout=layout, input_size=options.input_size,
                              verification=folded.verification)
+    keep_float: tuple[str, ...] = ()
+    if quantize_plan is not None and prepared is not None:
+        if options.quantize.keep_float_count:
+            progress("ranking the layers by their sensitivity to int8")
+        keep_float = compression.resolve_keep_float(
+            prepared, options.quantize, folded.state,
+            lambda state: build_model(folded.spec, state))
     with staging_path(destination) as staged:
         if options.is_bundle:
             staged.mkdir()
@@ -314,17 +338,26 @@ def export(options: ExportOptions, *, progress: Progress = _quiet) -> ExportResu
         for backend in backends:
             final = paths[backend.name]
             path = staged / final.name if options.is_bundle else staged
+            quantization, record = None, None
+            if quantize_plan is not None and prepared is not None:
+                quantization, record = compression.quantization_for(
+                    backend.name, options.quantize, prepared, keep_float)
             context = WriteContext(
                 input_size=options.input_size, output_name=_output_name(loaded),
-                metadata=metadata, mean=IMAGENET_MEAN, std=IMAGENET_STD, labels=labels,
+                metadata=(metadata if record is None
+                          else compression.with_record(metadata, record)),
+                mean=IMAGENET_MEAN, std=IMAGENET_STD, labels=labels,
                 options=_backend_options(options, backend.name, layout=layout),
-                family=loaded.spec.family,
+                family=loaded.spec.family, quantization=quantization,
             )
-            progress(f"writing {backend.name}")
-            backend.write(model, path, context=context)
+            progress(f"writing {backend.name}"
+                     + (f" ({quantization.mode})" if quantization else ""))
+            tight_reference = backend.write(model, path, context=context)
             progress(f"proving {backend.name} in its own runtime")
-            artifacts.append(prove_written(backend, path, final, folded=folded, model=model,
-                                           rtol=options.rtol, gates=options.gates))
+            artifacts.append(prove_written(
+                backend, path, final, folded=folded, model=model, rtol=options.rtol,
+                gates=options.gates, compressed=quantization is not None,
+                labels=prepared.labels if prepared else None, tight_reference=tight_reference))
         gate_checks = check_gates(options.gates, folded, tuple(artifacts))
         result = ExportResult(summary, folded.verification, tuple(artifacts), written=False,
                               gates=gate_checks,
@@ -374,15 +407,21 @@ def check_options_fit_targets(options: ExportOptions) -> None:
 
 
 def prove_written(backend: Backend, path: Path, final: Path, *, folded: FoldedModel,
-                  model: torch.nn.Module, rtol: float | None, gates: Gates) -> Artifact:
+                  model: torch.nn.Module, rtol: float | None, gates: Gates,
+                  compressed: bool = False, labels: np.ndarray | None = None,
+                  tight_reference: torch.nn.Module | None = None) -> Artifact:
     """Open a freshly written artifact in its runtime and prove it; its record names `final`."""
     try:
         candidate = backend.open(path)
     except BadArtifactError as error:  # we wrote it: unreadable means the converter failed
         raise ExportFailedError(f"the written {backend.name} file cannot be opened again: "
                                 f"{error.message}") from None
+    if compressed != (candidate.declared.compression is not None):
+        raise ExportFailedError(f"the {backend.name} writer {'ignored' if compressed else 'made'} "
+                                "the compression asked of it")
     verification, cost = prove_artifact(candidate, folded.reference, model=model, rtol=rtol,
-                                        gates=gates)
+                                        gates=gates, labels=labels,
+                                        tight_reference=tight_reference)
     companions = tuple(Companion(path=final.with_name(companion.name),
                                  sha256=sha256_path(companion), bytes=size_of(companion))
                        for companion in backend.companions(path))
@@ -392,7 +431,9 @@ def prove_written(backend: Backend, path: Path, final: Path, *, folded: FoldedMo
 
 
 def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torch.nn.Module,
-                   rtol: float | None, gates: Gates) -> tuple[Verification, PrecisionCost | None]:
+                   rtol: float | None, gates: Gates, labels: np.ndarray | None = None,
+                   tight_reference: torch.nn.Module | None = None,
+                   ) -> tuple[Verification, PrecisionCost | None]:
     """The conversion proof of `candidate` and, for reduced precision, its measured cost.
 
     The reference is restricted to the artifact's static input size and
@@ -401,7 +442,9 @@ def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torc
     float32 arithmetic on its stored weights against the torch module it
     converts (`Candidate.as_torch`) with its weights rounded alike, both under
     the fp32 noise-floor rule; then run in its own arithmetic against the fp32
-    train-time model, which measures (and gates) what the precision costs.
+    train-time model, which measures (and gates) what the precision costs. A
+    compressed artifact (`export --quantize`) is proven by `compression.prove_compressed`.
+    `labels`: the true classes of the reference inputs, for accuracy figures.
     """
     declared = candidate.declared
     size = declared.static_size
@@ -410,6 +453,11 @@ def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torc
             reference = reference.restricted_to(size, size)
         if declared.outputs_probabilities:
             reference = reference.softmaxed()
+        if declared.compression is not None and declared.compression.mode != "fp16":
+            return compression.prove_compressed(
+                candidate, reference, model=model, rtol=rtol, gates=gates,
+                labels=labels if size is None or labels is None or _kept_all(reference, labels)
+                else None, tight_reference=tight_reference)
         if declared.precision == "fp32":
             return compare(reference, candidate.run, rtol=rtol), None
         if candidate.run_full_precision is None or declared.precision not in STORAGE_DTYPES:
@@ -421,12 +469,23 @@ def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torc
             with_rounded_weights(equivalent, dtype), reference.batches,
             name=f"folded model with {dtype} weights", is_classifier=reference.is_classifier)
         verification = compare(same_weights, candidate.run_full_precision, rtol=rtol)
-        cost = precision_cost(reference, candidate.run, precision=declared.precision,
-                              min_cosine=gates.min_cosine, min_agreement=gates.min_agreement)
+        quantized = declared.compression is not None
+        min_cosine, min_agreement = gates.cost_gates(quantized=quantized)
+        cost = precision_cost(reference, candidate.run,
+                              precision=declared.compression.mode if declared.compression
+                              else declared.precision,
+                              min_cosine=min_cosine, min_agreement=min_agreement,
+                              labels=labels if labels is None or _kept_all(reference, labels)
+                              else None)
     except ValueError as error:  # an input or output shape that does not fit the checkpoint
         raise BadArtifactError(f"the artifact does not fit the checkpoint: {error}",
                                hint="check which checkpoint the artifact came from") from None
     return verification, cost
+
+
+def _kept_all(reference: ReferenceRun, labels: np.ndarray) -> bool:
+    """Whether every labelled input is still in the (size-restricted) reference."""
+    return sum(len(batch.array) for batch in reference.batches) == len(labels)
 
 
 def check_gates(gates: Gates, folded: FoldedModel,

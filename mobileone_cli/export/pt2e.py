@@ -20,8 +20,7 @@ torchao's `get_module_name_filter` reads.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from mobileone_cli.errors import UsageError
@@ -31,8 +30,6 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-COMPRESSION_KEY = "mobileone.compression"
-"""The metadata key under which the pipeline embeds the compression JSON object."""
 ACTIVATION_MODES = ("w8a8", "int8")
 """The on-device modes that quantize activations, so need calibration images."""
 CALIBRATION_CHUNK = 16
@@ -99,18 +96,6 @@ def quantized_layers(converted: torch.nn.Module) -> dict[str, bool]:
         layers[path] = (isinstance(weight, torch.fx.Node) and weight.op == "call_function"
                         and "dequantize" in str(weight.target))
     return layers
-
-
-def compression_details(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The compression object the pipeline embedded (under `COMPRESSION_KEY`), or None."""
-    text = metadata.get(COMPRESSION_KEY)
-    if not isinstance(text, str):
-        return None
-    try:
-        document = json.loads(text)
-    except ValueError:
-        return None
-    return document if isinstance(document, dict) else None
 
 
 def outside(keep_float: Sequence[str]) -> Callable[[torch.fx.Node], bool]:

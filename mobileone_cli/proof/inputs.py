@@ -47,12 +47,25 @@ def default_inputs(size: int = DEFAULT_INPUT_SIZE) -> tuple[InputBatch, ...]:
     )
 
 
+def image_paths(folder: Path) -> list[Path]:
+    """The images of a flat folder, or else of an ImageFolder tree's class folders, sorted."""
+    flat = sorted(path for path in folder.iterdir()
+                  if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+    if flat:
+        return flat
+    classes = sorted(path for path in folder.iterdir()
+                     if path.is_dir() and not path.name.startswith("."))
+    return sorted(path for class_folder in classes for path in class_folder.rglob("*")
+                  if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def image_inputs(folder: Path, *, size: int = DEFAULT_INPUT_SIZE) -> tuple[InputBatch, ...]:
-    """The user's images: shorter side resized to size/0.875, centre crop, ImageNet normalisation."""
+    """The user's images (a folder or an ImageFolder tree): shorter side resized to
+    size/0.875, centre crop, ImageNet normalisation."""
     import numpy as np
     from PIL import Image
 
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = image_paths(folder)
     if not paths:
         raise BadArtifactError(
             f"no images in {folder}", hint=f"--inputs takes a folder of {', '.join(IMAGE_SUFFIXES)}"
