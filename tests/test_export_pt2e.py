@@ -38,7 +38,8 @@ from mobileone_cli.proof.compare import (
     cost_of,
     with_rounded_weights,
 )
-from mobileone_cli.proof.inputs import IMAGENET_MEAN, IMAGENET_STD
+from mobileone_cli.proof.inputs import IMAGENET_MEAN, IMAGENET_STD, InputBatch
+from mobileone_cli.proof.reference import run_module_reference
 from mobileone_cli.results import Compression, PrecisionCost
 from tests.on_device import SIZE, fold
 
@@ -237,6 +238,31 @@ def test_int8_files_match_their_pt2e_module(files: Files, key: str) -> None:
     assert np.mean(artifact.argmax(axis=1) == reference.argmax(axis=1)) >= 0.995
     # The fp32 model is far from it: the proof is tight where the cost is not.
     assert relative_error(artifact, files.fp32) > 0.3
+
+
+# Deep-copying a torch.export graph module trips torch's own pytree deprecation (torch 2.13).
+@pytest.mark.filterwarnings("ignore:`isinstance.treespec, LeafSpec.` is deprecated:FutureWarning")
+def test_the_tight_references_run_as_the_pipeline_runs_references(files: Files) -> None:
+    """`run_module_reference` deep-copies a reference to float64 and feeds it float64; the
+    int8 references run in float32 whatever (their quantize ops take float32 only)."""
+    batch = InputBatch("16 digits", np.ascontiguousarray(files.heldout.array[:16]))
+    for key in INT8:
+        reference = files.written[key].reference
+        assert reference is not None
+        run = run_module_reference(reference, [batch], name=key, is_classifier=True)
+        assert np.array_equal(run.outputs_fp32[0], run.outputs_fp64[0])
+        np.testing.assert_array_equal(run.outputs_fp32[0], run_torch(reference, batch.array))
+
+
+def test_fp16_candidate_is_proven_by_the_pipelines_fp16_rule(files: Files) -> None:
+    """The pipeline proves fp16 files against `with_rounded_weights(candidate.as_torch(model))`;
+    LiteRT's `as_torch` keeps the biases out of that rounding, as the file keeps them float32."""
+    item = files.written["tflite fp16"]
+    candidate = litert.open(item.path)
+    assert candidate.as_torch is not None and candidate.run_full_precision is not None
+    equivalent = with_rounded_weights(candidate.as_torch(files.model), "float16")
+    reference = run_torch(equivalent, files.heldout.array)
+    assert relative_error(candidate.run_full_precision(files.heldout.array), reference) < 1e-5
 
 
 def test_the_two_int8_targets_compute_the_same_numbers(files: Files) -> None:

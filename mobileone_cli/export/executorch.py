@@ -128,7 +128,7 @@ def write(model: torch.nn.Module, path: Path, *, context: WriteContext
         lowered = model.eval()
         if context.quantization is not None:
             lowered = pt2e_module(model, context)
-            reference = pt2e.round_biases(copy.deepcopy(lowered))
+            reference = pt2e.float32_only(pt2e.round_biases(copy.deepcopy(lowered)))
         exported = torch.export.export(lowered, (example,))
         edge = to_edge_transform_and_lower(
             exported,

@@ -156,7 +156,7 @@ def write(model: torch.nn.Module, path: Path, *, context: WriteContext
 
             quantizer = _int8_quantizer(quantization.keep_float)
             converted_model = pt2e_module(model, context, quantizer=quantizer)
-            reference = pt2e.round_biases(copy.deepcopy(converted_model))
+            reference = pt2e.float32_only(pt2e.round_biases(copy.deepcopy(converted_model)))
             quant_config = QuantConfig(pt2e_quantizer=quantizer)
         elif quantization is not None:  # fp16
             from litert_torch.generative.quantize.quant_recipes import full_fp16_recipe
@@ -434,7 +434,23 @@ def open(path: Path) -> Candidate:
     # An int8 model has no float32 twin to run (its tight reference is the writer's); an fp16
     # one computes in float32 already (weights dequantized once; see the module docstring).
     quantized = declared.precision in ("int8", "uint8")
-    return Candidate(declared=declared, run=run, run_full_precision=None if quantized else run)
+    return Candidate(declared=declared, run=run, run_full_precision=None if quantized else run,
+                     as_torch=_float32_biases if declared.precision == "fp16" else None)
+
+
+def _float32_biases(model: torch.nn.Module) -> torch.nn.Module:
+    """The folded model as an fp16 file holds it: a copy whose conv and linear biases are
+    non-persistent buffers, outside the state dict that the proof's fp16 rounding
+    (`proof.compare.with_rounded_weights`) rounds; the file keeps them float32."""
+    import torch
+
+    held = copy.deepcopy(model)
+    for module in held.modules():
+        if isinstance(module, torch.nn.Conv2d | torch.nn.Linear) and module.bias is not None:
+            bias = module.bias.detach()
+            del module.bias
+            module.register_buffer("bias", bias, persistent=False)
+    return held
 
 
 def _declared(path: Path, interpreter: Any, entries: dict[str, bytes]) -> Declared:

@@ -80,12 +80,14 @@ def check_request(quantization: Quantization, *, target: str, modes: Sequence[st
 
 
 def quantized_layers(converted: torch.nn.Module) -> dict[str, bool]:
-    """Every conv and linear of a converted module by folded layer name: True when its weight
-    reaches it through a dequantize (int8), False when it is a float constant."""
+    """Every conv and linear of a converted module (or of a writer's `float32_only` reference)
+    by folded layer name: True when its weight reaches it through a dequantize (int8), False
+    when it is a float constant."""
     import torch
 
     weighted = {torch.ops.aten.conv2d.default, torch.ops.aten.linear.default}
     layers: dict[str, bool] = {}
+    converted = converted.__dict__.get("inner", converted)  # a `float32_only` reference
     graph: torch.fx.Graph = converted.graph  # type: ignore[assignment]
     for node in graph.nodes:
         if node.op != "call_function" or node.target not in weighted:
@@ -173,3 +175,26 @@ def _set_attribute(module: torch.nn.Module, target: str, value: torch.Tensor) ->
         current.data = value
     else:
         setattr(owner, last, value)
+
+
+def float32_only(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` behind a wrapper that always runs it in float32, whatever `.to()` and the input.
+
+    A converted module's quantize ops take float32 only; the proof also runs its
+    references on float64 copies (`run_module_reference`). The wrapper keeps
+    the module out of its own parameters (so `.to(float64)` leaves it alone),
+    casts the input to float32 and the output back to the input's dtype: the
+    float64 run is the float32 run, exactly.
+    """
+    import torch
+
+    class Float32Only(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.__dict__["inner"] = module  # not a submodule: `.to()` must not reach it
+
+        def forward(self, batch: torch.Tensor) -> torch.Tensor:
+            inner: torch.nn.Module = self.__dict__["inner"]
+            return inner(batch.to(torch.float32)).to(batch.dtype)
+
+    return Float32Only()
