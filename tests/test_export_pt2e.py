@@ -117,10 +117,10 @@ def files(digits: Digits, make_checkpoint: Any, tmp_path_factory: pytest.TempPat
                                  context("w8a8", images, size=IMAGE_SIZE)),
         # LiteRT with the NHWC input Android hands over: the option is respected when quantized.
         "tflite int8": write(litert, model, folder / "int8.tflite",
-                             context("int8", images, size=IMAGE_SIZE,
+                             context("w8a8", images, size=IMAGE_SIZE,
                                      options=LiteRTOptions(channels_last=True))),
         "tflite int8 kept": write(litert, model, folder / "int8-kept.tflite",
-                                  context("int8", images, size=IMAGE_SIZE, keep=kept)),
+                                  context("w8a8", images, size=IMAGE_SIZE, keep=kept)),
         "tflite fp16": write(litert, model, folder / "fp16.tflite",
                              context("fp16", None, size=IMAGE_SIZE)),
     }
@@ -135,7 +135,7 @@ def files(digits: Digits, make_checkpoint: Any, tmp_path_factory: pytest.TempPat
     # LiteRT only: ExecuTorch's quantized lowering costs 14 s a model, and both targets
     # compute the digits bit for bit alike (ExecuTorch's S0 figures are in the README).
     s0_written = {"tflite int8": write(litert, s0.model, folder / "s0.tflite",
-                                       context("int8", s0_calibration, size=SIZE))}
+                                       context("w8a8", s0_calibration, size=SIZE))}
     return Files(model=model, heldout=heldout, calibration=calibration, fp32=fp32, kept=kept,
                  written=written,
                  s0={key: (item, batch, s0_fp32) for key, item in s0_written.items()},
@@ -421,10 +421,10 @@ def test_rewriting_gives_the_same_bytes(files: Files, key: str, tmp_path: Path) 
     (executorch, Quantization("int8", calibration=np.zeros((1, 3, 8, 8), np.float32)),
      r"^--quantize int8 is not a mode of --to executorch$"),
     (executorch, Quantization("w8a8"), r"^--quantize w8a8 needs calibration images$"),
-    (litert, Quantization("int8", calibration=np.zeros((0, 3, 8, 8), np.float32)),
-     r"^--quantize int8 needs calibration images$"),
+    (litert, Quantization("w8a8", calibration=np.zeros((0, 3, 8, 8), np.float32)),
+     r"^--quantize w8a8 needs calibration images$"),
     (litert, Quantization("fp16", keep_float=("linear",)),
-     r"^--keep-float applies to the int8 mode of --to tflite$"),
+     r"^--keep-float applies to the w8a8 mode of --to tflite$"),
 ])
 def test_a_request_the_writer_cannot_do_is_one_usage_line(
     backend: Any, quantization: Quantization, message: str, tmp_path: Path,

@@ -78,6 +78,17 @@ PALETTE_STEP_LIMIT = 4.0
 # small bias: measured up to 5.1% of the largest |bias| of a layer on the digits model (ONNX
 # w8a8). A reversed or changed bias is off by about 100%.
 BIAS_LIMIT = 0.25
+# ExecuTorch and LiteRT int8 files against their PT2E twin (the converted torch module): the
+# kernels requantize in integer arithmetic where torch rounds in float, so a one-step
+# difference now and then is amplified by outlier kernels. Measured: 0.018 on the digits
+# (99% of samples exact), 0.108 on a synthetic S0 at 224 px (0.13 at 64 px); a tampered file
+# is off by the size of its outputs (1 or more).
+PT2E_RTOL = 0.25
+PT2E_RULE = f"{PT2E_RTOL:g} (int8 kernels against their PT2E twin: a few output steps)"
+# Modes whose writers cannot keep layers float.
+NO_KEEP_FLOAT = {("tflite", "fp16"): "LiteRT fp16 stores every weight in fp16",
+                 ("onnx", "w8a8"): "onnxruntime re-quantizes the kept layers when it optimizes "
+                                   "the graph (use --quantize w8)"}
 # Folded layer names of the targets' weight tensors are matched with dots as underscores
 # (coremltools names consts `stage1_0_reparam_conv_weight`).
 _TARGET_KEYS = {"tflite": "litert"}
@@ -127,6 +138,12 @@ def plan(options: ExportOptions, backends: tuple[Backend, ...]) -> Plan | None:
         require_calibration(info, count)
         if target == "coreml":
             _check_coreml(options, info.minimum_deployment_target)
+    if quantize.keep_float or quantize.keep_float_count:
+        for target in chosen:
+            if (target, quantize.mode) in NO_KEEP_FLOAT:
+                raise UsageError(f"--keep-float cannot be combined with --quantize "
+                                 f"{quantize.mode} --to {target}",
+                                 hint=NO_KEEP_FLOAT[(target, quantize.mode)])
     if quantize.keep_float_count and quantize.calibration_dir is None:
         raise UsageError("--keep-float N ranks the layers on calibration images",
                          hint="pass --calibration DIR, or name the layers: --keep-float "
@@ -286,14 +303,16 @@ def prove_compressed(candidate: Candidate, reference: ReferenceRun, *, model: to
     equivalent = candidate.as_torch(model) if candidate.as_torch else model
     if candidate.stored_weights is None or candidate.run_full_precision is None:
         if tight_reference is None:
-            raise ExportFailedError(
-                f"{declared.runtime} cannot show the weights of a {compression.mode} artifact, "
-                "and only the export run holds its quantized torch twin",
-                hint="re-export to prove it; `verify` proves such files' hashes (--manifest)")
+            raise UsageError(
+                f"a {compression.mode} {declared.runtime.split()[0]} file is proven at export "
+                "against its quantized torch twin, which verify cannot rebuild",
+                hint="re-export it to prove it; `verify --manifest` checks its sha256")
         tight = run_module_reference(tight_reference, reference.batches,
-                                     name="the quantized torch model before lowering",
+                                     name="the quantized torch model before lowering (PT2E)",
                                      is_classifier=reference.is_classifier)
-        return compare(tight, candidate.run, rtol=rtol), cost
+        verification = compare(tight, candidate.run, rtol=PT2E_RTOL if rtol is None else rtol)
+        rule = (PT2E_RULE if rtol is None else verification.tolerance_rule)
+        return replace(verification, tolerance_rule=rule), cost
     stored = candidate.stored_weights()
     dtype = _storage_dtype(declared.precision)
     holder, check = _with_stored_weights(equivalent, stored, dtype=dtype, mode=compression.mode)
@@ -302,6 +321,13 @@ def prove_compressed(candidate: Candidate, reference: ReferenceRun, *, model: to
         "weights, float activations", is_classifier=reference.is_classifier)
     verification = compare(same_weights, candidate.run_full_precision, rtol=rtol)
     return replace(verification, weights=check), cost
+
+
+def needs_its_twin(candidate: Candidate) -> bool:
+    """A compressed file whose proof needs the torch twin only its export run holds."""
+    return (candidate.declared.compression is not None
+            and candidate.declared.compression.mode != "fp16"
+            and (candidate.stored_weights is None or candidate.run_full_precision is None))
 
 
 def _storage_dtype(precision: str) -> str | None:

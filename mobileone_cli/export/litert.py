@@ -27,7 +27,7 @@ object API); weight buffers are re-aligned to 16 bytes on the way (the
 converter's own are only 4-byte aligned).
 
 Quantized (`context.quantization`):
-- "int8": litert-torch's own PT2E quantizer (`PT2EQuantizer` with
+- "w8a8": litert-torch's own PT2E quantizer (`PT2EQuantizer` with
   `get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)`):
   int8 per-channel symmetric weights, static int8 per-tensor activations
   calibrated on every calibration image, then `litert_torch.convert(...,
@@ -105,7 +105,7 @@ FILE_IDENTIFIER = b"TFL3"
 BUFFER_ALIGNMENT = 16
 _MODULES = ("litert_torch", "ai_edge_litert.interpreter")
 _PROGRESS_VARIABLE = "LITERT_TORCH_SHOW_PROGRESS"
-MODES = ("int8", "fp16")
+MODES = ("w8a8", "fp16")
 """`--quantize` modes this target writes (`compress.TARGET_MODES["litert"]`)."""
 _PRECISIONS = {"float32": "fp32", "float16": "fp16", "int8": "int8", "uint8": "uint8"}
 
@@ -124,7 +124,7 @@ def write(model: torch.nn.Module, path: Path, *, context: WriteContext
           ) -> torch.nn.Module | None:
     """Convert the folded model with litert-torch and write the `.tflite` at `path`.
 
-    With `context.quantization`: mode "int8" quantizes with litert-torch's
+    With `context.quantization`: mode "w8a8" quantizes with litert-torch's
     PT2E quantizer and returns the PT2E-converted module (the tight
     reference); mode "fp16" stores fp16 weights and returns `fp16_reference`
     of the model (see the module docstring). The float model returns None.
@@ -138,7 +138,7 @@ def write(model: torch.nn.Module, path: Path, *, context: WriteContext
     if quantization is not None:
         pt2e.check_request(quantization, target=name, modes=MODES)
         if quantization.mode == "fp16" and quantization.keep_float:
-            raise UsageError("--keep-float applies to the int8 mode of --to tflite",
+            raise UsageError("--keep-float applies to the w8a8 mode of --to tflite",
                              hint="fp16 weights cost little; drop --keep-float")
     layout = "NHWC" if options.channels_last else "NCHW"
     size = context.input_size
@@ -151,7 +151,7 @@ def write(model: torch.nn.Module, path: Path, *, context: WriteContext
 
         converted_model = model.eval()
         quant_config = None
-        if quantization is not None and quantization.mode == "int8":
+        if quantization is not None and quantization.mode == "w8a8":
             from litert_torch.quantize.quant_config import QuantConfig
 
             quantizer = _int8_quantizer(quantization.keep_float)
@@ -166,7 +166,7 @@ def write(model: torch.nn.Module, path: Path, *, context: WriteContext
         body = (litert_torch.to_channel_last_io(converted_model, args=[0])
                 if options.channels_last else converted_model)
         named = _named(body, input_name=context.input_name, output_name=context.output_name)
-        with _strict_qdq(quantization is not None and quantization.mode == "int8"):
+        with _strict_qdq(quantization is not None and quantization.mode == "w8a8"):
             converted = litert_torch.convert(named, sample_kwargs={context.input_name: example},
                                              quant_config=quant_config)
         converted.export(str(path))
@@ -179,15 +179,15 @@ def write(model: torch.nn.Module, path: Path, *, context: WriteContext
 
 def pt2e_module(model: torch.nn.Module, context: WriteContext, *, quantizer: Any = None
                 ) -> torch.nn.Module:
-    """The PT2E-converted model `write` converts for `context.quantization` (mode "int8"):
+    """The PT2E-converted model `write` converts for `context.quantization` (mode "w8a8"):
     litert-torch's quantizer (`_int8_quantizer`, or `quantizer`), calibrated on
     `context.quantization.calibration`. Its weights stay float behind
     quantize/dequantize pairs, which litert-torch's converter folds into int8
     tensors; its biases are float (`write` returns them rounded)."""
     quantization = context.quantization
-    if quantization is None or quantization.mode != "int8":
+    if quantization is None or quantization.mode != "w8a8":
         raise UsageError("pt2e_module needs context.quantization of mode int8",
-                         hint="pass WriteContext(quantization=Quantization('int8', ...))")
+                         hint="pass WriteContext(quantization=Quantization('w8a8', ...))")
     pt2e.check_request(quantization, target=name, modes=MODES)
     assert quantization.calibration is not None  # check_request
     return pt2e.converted_module(

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-ACTIVATION_MODES = ("w8a8", "int8")
+ACTIVATION_MODES = ("w8a8",)
 """The on-device modes that quantize activations, so need calibration images."""
 CALIBRATION_CHUNK = 16
 """Calibration images per forward pass: fixed, so the observers see the same sequence each run
