@@ -43,8 +43,6 @@ from mobileone_cli.report import latency_of, onnx_runner, time_interleaved  # no
 from mobileone_cli.synthetic import make_checkpoint  # noqa: E402
 
 SUFFIXES = {"onnx": ".onnx", "coreml": ".mlpackage", "executorch": ".pte", "tflite": ".tflite"}
-# compress.TARGET_MODES names LiteRT by its converter; `--to` names it tflite.
-TARGET_KEYS = {"tflite": "litert"}
 
 
 def runner(target: str, path: Path, size: int) -> Callable[[], object] | None:
@@ -63,7 +61,7 @@ def measure(name: str, checkpoint: Path, size: int, held_out: Path | None, calib
         if get_backend(target).missing():
             print(f"skipping {target}: {get_backend(target).missing()}", file=sys.stderr)
             continue
-        for mode in (None, *TARGET_MODES.get(TARGET_KEYS.get(target, target), ())):
+        for mode in (None, *TARGET_MODES.get(target, ())):
             output = work / f"{name}-{target}-{mode or 'fp32'}{SUFFIXES[target]}"
             options = ExportOptions(
                 source=checkpoint, targets=(target,), output=output, force=True,

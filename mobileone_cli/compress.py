@@ -54,7 +54,7 @@ TARGET_MODES: dict[str, tuple[str, ...]] = {
     "onnx": ("w8a8", "w8", "fp16"),
     # Implemented by the ExecuTorch and LiteRT backends (the Android targets issue).
     "executorch": ("w8a8",),
-    "litert": ("w8a8", "fp16"),
+    "tflite": ("w8a8", "fp16"),
 }
 # Histogram bins of the Entropy (KL) calibrator: the search tries thresholds from 128 bins up.
 ENTROPY_BINS = 2048
@@ -135,12 +135,12 @@ MODE_INFO: dict[tuple[str, str], ModeInfo] = {
         "executorch", "w8a8", _INT8_WEIGHTS + " (XNNPACKQuantizer)",
         "int8 per tensor, affine, histogram-calibrated (XNNPACKQuantizer, PT2E); "
         "float32 input and output", True, None, _PT2E_REFERENCE),
-    ("litert", "w8a8"): ModeInfo(
-        "litert", "w8a8", _INT8_WEIGHTS + " (litert-torch's PT2EQuantizer)",
+    ("tflite", "w8a8"): ModeInfo(
+        "tflite", "w8a8", _INT8_WEIGHTS + " (litert-torch's PT2EQuantizer)",
         "int8 per tensor, affine, histogram-calibrated (PT2E, strict QDQ conversion); "
         "float32 input and output", True, None, _PT2E_REFERENCE),
-    ("litert", "fp16"): ModeInfo(
-        "litert", "fp16", "fp16 (biases stay float32)",
+    ("tflite", "fp16"): ModeInfo(
+        "tflite", "fp16", "fp16 (biases stay float32)",
         "float32 (the interpreter dequantizes the weights once)", False, None,
         "the folded torch model in float32 with fp16-rounded weights, biases float32 "
         "(litert.fp16_reference, which write returns; measured 8.4e-7 on the digits)"),

@@ -49,7 +49,7 @@ def test_every_mode_of_every_target_is_described() -> None:
 
 @pytest.mark.parametrize(("target", "mode", "message"), [
     ("coreml", "fp16", (r"^--quantize fp16 is not a mode of --to coreml \('fp16' is a mode of "
-                       r"onnx, litert\)$")),
+                       r"onnx, tflite\)$")),
     ("onnx", "pal4", r"^--quantize pal4 is not a mode of --to onnx \('pal4' is a mode of coreml\)$"),
     ("onnx", "int3", r"^--quantize int3 is not a mode of --to onnx$"),
     ("safetensors", "w8", r"^no compression for target 'safetensors'$"),

@@ -89,9 +89,6 @@ PT2E_RULE = f"{PT2E_RTOL:g} (int8 kernels against their PT2E twin: a few output 
 NO_KEEP_FLOAT = {("tflite", "fp16"): "LiteRT fp16 stores every weight in fp16",
                  ("onnx", "w8a8"): "onnxruntime re-quantizes the kept layers when it optimizes "
                                    "the graph (use --quantize w8)"}
-# Folded layer names of the targets' weight tensors are matched with dots as underscores
-# (coremltools names consts `stage1_0_reparam_conv_weight`).
-_TARGET_KEYS = {"tflite": "litert"}
 
 
 @dataclass(frozen=True)
@@ -107,7 +104,7 @@ class Plan:
 
 def modes_of(target: str) -> tuple[str, ...]:
     """The `--quantize` modes of a target (empty for one that does not compress)."""
-    return TARGET_MODES.get(_TARGET_KEYS.get(target, target), ())
+    return TARGET_MODES.get(target, ())
 
 
 def plan(options: ExportOptions, backends: tuple[Backend, ...]) -> Plan | None:
@@ -127,14 +124,14 @@ def plan(options: ExportOptions, backends: tuple[Backend, ...]) -> Plan | None:
         elif options.is_bundle:
             skipped.append((backend.name, f"no --quantize {quantize.mode} for this target"))
         else:
-            mode_info(_TARGET_KEYS.get(backend.name, backend.name), quantize.mode)  # raises
+            mode_info(backend.name, quantize.mode)  # raises
     if not chosen:
         doers = sorted(name for name, modes in TARGET_MODES.items() if quantize.mode in modes)
         raise UsageError(f"no target of this run does --quantize {quantize.mode}",
                          hint=f"targets with {quantize.mode}: {', '.join(doers) or 'none'}")
     count = 0 if quantize.calibration_dir is None else 1
     for target in chosen:
-        info = mode_info(_TARGET_KEYS.get(target, target), quantize.mode)
+        info = mode_info(target, quantize.mode)
         require_calibration(info, count)
         if target == "coreml":
             _check_coreml(options, info.minimum_deployment_target)
@@ -264,7 +261,7 @@ def resolve_keep_float(prepared: Prepared, options: QuantizeOptions,
 def quantization_for(target: str, options: QuantizeOptions, prepared: Prepared,
                      keep_float: tuple[str, ...]) -> tuple[Quantization, Compression]:
     """The backend's instructions and the record its file keeps."""
-    info = mode_info(_TARGET_KEYS.get(target, target), str(options.mode))
+    info = mode_info(target, str(options.mode))
     calibration = prepared.calibration if info.quantizes_activations else None
     method = options.calibration_method if target == "onnx" and calibration else None
     record = None

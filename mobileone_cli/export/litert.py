@@ -106,7 +106,7 @@ BUFFER_ALIGNMENT = 16
 _MODULES = ("litert_torch", "ai_edge_litert.interpreter")
 _PROGRESS_VARIABLE = "LITERT_TORCH_SHOW_PROGRESS"
 MODES = ("w8a8", "fp16")
-"""`--quantize` modes this target writes (`compress.TARGET_MODES["litert"]`)."""
+"""`--quantize` modes this target writes (`compress.TARGET_MODES["tflite"]`)."""
 _PRECISIONS = {"float32": "fp32", "float16": "fp16", "int8": "int8", "uint8": "uint8"}
 
 
