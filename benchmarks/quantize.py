@@ -11,9 +11,9 @@ held-out digits with labels as `--inputs`, 64 training digits as `--calibration`
 synthetic S0 (seeded weights, 224 px; 20 digits upsampled as calibration, every 5th held
 out, no labels, so its agreement figures only say how tied synthetic logits are). Latency:
 batch 1, 1 thread, median of `--runs` interleaved runs in the artifact's own runtime
-(onnxruntime, ExecuTorch XNNPACK, LiteRT XNNPACK); Core ML has no runtime off a Mac. The
-fp32 rows are the same pipeline without `--quantize`. `benchmarks/run.py --compression`
-runs this and adds the table to `results.md`.
+(onnxruntime, ExecuTorch XNNPACK, LiteRT XNNPACK); Core ML has no runtime off a Mac.
+The rows with `--quantize` none are the same pipeline without it (Core ML's default is
+fp16). `benchmarks/run.py --compression` runs this and adds the table to `results.md`.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def measure(name: str, checkpoint: Path, size: int, held_out: Path | None, calib
                 continue
             seconds = time.perf_counter() - start
             (artifact,) = result.artifacts
-            rows.append({"model": name, "target": target, "mode": mode or "fp32",
+            rows.append({"model": name, "target": target, "mode": mode or "none",
                          "artifact": artifact, "seconds": seconds, "path": output,
                          "passed": result.passed})
             proof = artifact.verification
@@ -95,10 +95,10 @@ def measure(name: str, checkpoint: Path, size: int, held_out: Path | None, calib
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [("| model | target | mode | size (MB) | proof (max rel / tol) | stored weights "
+    lines = [("| model | target | --quantize | precision | size (MB) | proof (max rel / tol) | stored weights "
               "(worst, steps) | top-1 agree | mean cos | top-1 fp32 -> artifact | export s | "
               "latency ms |"),
-             "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+             "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for row in rows:
         artifact = row["artifact"]
         proof, cost = artifact.verification, artifact.cost
@@ -114,8 +114,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         elif proof.top1_agreement is not None:
             agreement, mean = f"{proof.top1_agreement:.3f}", "1.0000"
         latency = f"{row['latency_ms']:.2f}" if "latency_ms" in row else "n/a"
+        precision = artifact.declared.precision if artifact.declared else "-"
         lines.append(
-            f"| {row['model']} | {row['target']} | {row['mode']} | {artifact.bytes / 1e6:.3f} | "
+            f"| {row['model']} | {row['target']} | {row['mode']} | {precision} | "
+            f"{artifact.bytes / 1e6:.3f} | "
             f"{proof.max_rel_diff:.2g} / {proof.rtol:.2g} | {weights} | {agreement} | {mean} | "
             f"{accuracy} | {row['seconds']:.1f} | {latency} |")
     return "\n".join(lines)
