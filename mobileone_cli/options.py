@@ -9,12 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mobileone_cli.proof.compare import DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
-from mobileone_cli.proof.inputs import DEFAULT_INPUT_SIZE
+from mobileone_cli.defaults import DEFAULT_INPUT_SIZE, DEFAULT_MIN_AGREEMENT, DEFAULT_MIN_COSINE
+from mobileone_cli.defaults import TARGETS as TARGETS
 
-TARGETS = ("safetensors", "onnx", "coreml", "executorch", "tflite", "ort")
-"""Every export target by its `--to` name, in the order `--to all` writes them; the
-registry `export.BACKENDS` holds one backend for each (tests/test_pipeline.py checks it)."""
 DEFAULT_REPORT_SIZE = (224, 224)
 DEFAULT_REPORT_RUNS = 20
 DEFAULT_REPORT_WARMUP = 5
