@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from mobileone_cli.repvit import ModelSpec
+
 Runner = Callable[["np.ndarray"], "np.ndarray"]
 """Normalised float32 N x 3 x H x W in (NCHW whatever the file's layout), output out."""
 
@@ -79,6 +81,13 @@ class Candidate:
     run: Runner
     run_full_precision: Runner | None = None
     as_torch: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    spec: ModelSpec | None = None
+    state: Mapping[str, torch.Tensor] | None = None
+    """A weights-only file (safetensors) as read back: the architecture and the canonical
+    tensors it holds. When they are the proven fold's, bit for bit (rounded to the file's
+    precision), the file computes exactly what that model computed, so the proof compares the
+    tensors and reuses the fold's outputs instead of running the same weights again; else
+    the file is run (`pipeline.prove_artifact`)."""
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """`run`: the artifact as its runtime computes it."""

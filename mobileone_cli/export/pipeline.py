@@ -36,7 +36,14 @@ from mobileone_cli.fold import fold_state
 from mobileone_cli.manifest import check_bundle_files, read_manifest
 from mobileone_cli.model import build_model, build_shapes_only
 from mobileone_cli.options import ExportOptions, Gates, VerifyOptions
-from mobileone_cli.proof.compare import compare, precision_cost, torch_runner, with_rounded_weights
+from mobileone_cli.proof.compare import (
+    bit_identical,
+    compare,
+    precision_cost,
+    replayed,
+    torch_runner,
+    with_rounded_weights,
+)
 from mobileone_cli.proof.inputs import (
     DEFAULT_INPUT_SIZE,
     IMAGENET_MEAN,
@@ -69,6 +76,7 @@ from mobileone_cli.validation import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 Progress = Callable[[str], None]
@@ -92,6 +100,8 @@ class FoldedModel:
     verification: Verification
     keep_distillation_head: bool = False
     """A RepViT keeps both classifiers (averaged at run time) instead of one averaged Linear."""
+    outputs_fp32: tuple[np.ndarray, ...] = ()
+    """The folded model's own outputs on `reference.batches`, as its proof computed them."""
 
     @property
     def spec(self) -> ModelSpec:
@@ -120,9 +130,12 @@ def fold_and_prove(loaded: LoadedCheckpoint, *, rtol: float | None = None,
     check_reference_finite(reference.outputs_fp32)
     keep = keep_distillation_head and not loaded.is_folded
     folded_model = build_model(loaded.spec.folded(keep_distillation_head=keep), state)
-    verification = compare(reference, torch_runner(folded_model), rtol=rtol)
+    run = torch_runner(folded_model)
+    outputs = tuple(run(batch.array) for batch in reference.batches)
+    verification = compare(reference, replayed(reference.batches, outputs), rtol=rtol)
     return FoldedModel(loaded=loaded, state=state, reference=reference,
-                       verification=verification, keep_distillation_head=keep)
+                       verification=verification, keep_distillation_head=keep,
+                       outputs_fp32=outputs)
 
 
 def summarize(loaded: LoadedCheckpoint) -> ModelSummary:
@@ -382,7 +395,7 @@ def prove_written(backend: Backend, path: Path, final: Path, *, folded: FoldedMo
         raise ExportFailedError(f"the written {backend.name} file cannot be opened again: "
                                 f"{error.message}") from None
     verification, cost = prove_artifact(candidate, folded.reference, model=model, rtol=rtol,
-                                        gates=gates)
+                                        gates=gates, fold=folded)
     companions = tuple(Companion(path=final.with_name(companion.name),
                                  sha256=sha256_path(companion), bytes=size_of(companion))
                        for companion in backend.companions(path))
@@ -392,7 +405,8 @@ def prove_written(backend: Backend, path: Path, final: Path, *, folded: FoldedMo
 
 
 def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torch.nn.Module,
-                   rtol: float | None, gates: Gates) -> tuple[Verification, PrecisionCost | None]:
+                   rtol: float | None, gates: Gates, fold: FoldedModel | None = None
+                   ) -> tuple[Verification, PrecisionCost | None]:
     """The conversion proof of `candidate` and, for reduced precision, its measured cost.
 
     The reference is restricted to the artifact's static input size and
@@ -402,6 +416,11 @@ def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torc
     converts (`Candidate.as_torch`) with its weights rounded alike, both under
     the fp32 noise-floor rule; then run in its own arithmetic against the fp32
     train-time model, which measures (and gates) what the precision costs.
+
+    With `fold` (the proven fold `model` was built from), a weights-only candidate whose
+    tensors are the fold's bit for bit (`Candidate.state`) is not run again: the outputs
+    of the same weights under the same arithmetic stand for its own, and its
+    `Verification.reference` says so.
     """
     declared = candidate.declared
     size = declared.static_size
@@ -411,6 +430,10 @@ def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torc
         if declared.outputs_probabilities:
             reference = reference.softmaxed()
         if declared.precision == "fp32":
+            if fold is not None and _holds_the_fold(candidate, fold, dtype="float32"):
+                return compare(replace(reference, name=f"{reference.name}{HOLDS_THE_FOLD}"),
+                               replayed(fold.reference.batches, fold.outputs_fp32),
+                               rtol=rtol), None
             return compare(reference, candidate.run, rtol=rtol), None
         if candidate.run_full_precision is None or declared.precision not in STORAGE_DTYPES:
             raise ExportFailedError(f"{declared.runtime} cannot evaluate a {declared.precision} "
@@ -420,13 +443,31 @@ def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torc
         same_weights = run_module_reference(
             with_rounded_weights(equivalent, dtype), reference.batches,
             name=f"folded model with {dtype} weights", is_classifier=reference.is_classifier)
-        verification = compare(same_weights, candidate.run_full_precision, rtol=rtol)
-        cost = precision_cost(reference, candidate.run, precision=declared.precision,
+        full_precision, run = candidate.run_full_precision, candidate.run
+        if fold is not None and _holds_the_fold(candidate, fold, dtype=dtype):
+            # The file's float32 evaluation is the rounded model's own: reuse its outputs.
+            rounded = replayed(same_weights.batches, same_weights.outputs_fp32)
+            run = rounded if run is full_precision else run
+            full_precision = rounded
+            same_weights = replace(same_weights, name=f"{same_weights.name}{HOLDS_ROUNDED}")
+        verification = compare(same_weights, full_precision, rtol=rtol)
+        cost = precision_cost(reference, run, precision=declared.precision,
                               min_cosine=gates.min_cosine, min_agreement=gates.min_agreement)
     except ValueError as error:  # an input or output shape that does not fit the checkpoint
         raise BadArtifactError(f"the artifact does not fit the checkpoint: {error}",
                                hint="check which checkpoint the artifact came from") from None
     return verification, cost
+
+
+# Appended to a `Verification.reference` proven by comparing tensors, not by a second run.
+HOLDS_THE_FOLD = " via the proven fold's bit-identical tensors"
+HOLDS_ROUNDED = ", bit-identical in the file"
+
+
+def _holds_the_fold(candidate: Candidate, fold: FoldedModel, *, dtype: str) -> bool:
+    """Whether a weights-only candidate holds `fold`'s architecture and tensors (in `dtype`)."""
+    return (candidate.state is not None and candidate.spec == fold.spec
+            and bit_identical(candidate.state, fold.state, dtype=dtype))
 
 
 def check_gates(gates: Gates, folded: FoldedModel,
@@ -524,7 +565,8 @@ def _checked(backend: Backend, path: Path, candidate: Candidate, folded: FoldedM
              rtol: float | None, gates: Gates, model: torch.nn.Module | None = None) -> Artifact:
     try:
         verification, cost = prove_artifact(candidate, folded.reference,
-                                            model=model or folded.build(), rtol=rtol, gates=gates)
+                                            model=model or folded.build(), rtol=rtol, gates=gates,
+                                            fold=folded)
     except BadArtifactError as error:
         raise BadArtifactError(f"{path} is not an export of {folded.loaded.source.name}: "
                                f"{error.message}", hint=error.hint) from None
