@@ -459,9 +459,10 @@ def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torc
     return verification, cost
 
 
-# Appended to a `Verification.reference` proven by comparing tensors, not by a second run.
-HOLDS_THE_FOLD = " via the proven fold's bit-identical tensors"
-HOLDS_ROUNDED = ", bit-identical in the file"
+# Appended to a `Verification.reference` proven by comparing tensors, not by a second run
+# (the README's "Verification" says what they mean).
+HOLDS_THE_FOLD = " (bit-identical fold)"
+HOLDS_ROUNDED = " (bit-identical)"
 
 
 def _holds_the_fold(candidate: Candidate, fold: FoldedModel, *, dtype: str) -> bool:
