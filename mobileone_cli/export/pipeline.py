@@ -466,8 +466,10 @@ HOLDS_ROUNDED = " (bit-identical)"
 
 
 def _holds_the_fold(candidate: Candidate, fold: FoldedModel, *, dtype: str) -> bool:
-    """Whether a weights-only candidate holds `fold`'s architecture and tensors (in `dtype`)."""
-    return (candidate.state is not None and candidate.spec == fold.spec
+    """Whether a weights-only candidate holds `fold`'s architecture and tensors (in `dtype`),
+    and returns what that model returns (not probabilities), so the fold's runs stand for it."""
+    return (candidate.state is not None and not candidate.declared.outputs_probabilities
+            and candidate.spec == fold.spec
             and bit_identical(candidate.state, fold.state, dtype=dtype))
 
 
