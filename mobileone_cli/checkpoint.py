@@ -36,6 +36,7 @@ from mobileone_cli.repvit import (
     RepVitStageSpec,
     identify_repvit_variant,
 )
+from mobileone_cli.validation import all_finite
 from mobileone_cli.variants import STEM_IN_CHANNELS, ArchitectureSpec, BlockSpec, identify_variant
 
 if TYPE_CHECKING:
@@ -504,7 +505,7 @@ def _validate(
             raise BadCheckpointError(
                 f"'{name}' has dtype {dtype}; weights must be {', '.join(_WEIGHT_DTYPES[:-1])} "
                 f"or {_WEIGHT_DTYPES[-1]}", hint="was this file quantized? fold the float checkpoint")
-        if not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             raise BadCheckpointError(f"'{name}' contains NaN or Inf values",
                                      hint="the training run diverged or the file is corrupt")
         if key.endswith("running_var") and bool((value < 0).any()):

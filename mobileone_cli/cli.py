@@ -1,9 +1,10 @@
 """The `mobileone` command: parse options, call one API function, render its result.
 
-Only the standard library, click and our light modules (errors, options,
-proof constants) are imported at start-up, so `mobileone --help` never waits
-for torch or rich: `api` (which pulls torch) and `console` (rich) are bound at
-module level but imported on first use (`_Deferred`). The group's `invoke` is the one place where a
+Only the standard library, click, `errors` and `defaults` (the constants the
+help shows) are imported at start-up, so `mobileone --help` never waits for torch,
+rich or our own dataclasses: `api` (which pulls torch), `console` (rich), `options`,
+`validation` and `quiet` are bound at module level but imported on first use
+(`_Deferred`). The group's `invoke` is the one place where a
 `MobileOneError` becomes `error: ...` / `hint: ...` and an exit code.
 """
 
@@ -25,47 +26,29 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import click
 
 from mobileone_cli import __version__
-from mobileone_cli.errors import EXIT_INTERRUPTED, EXIT_OK, MobileOneError, printable
-from mobileone_cli.layouts import ALL_LAYOUTS
-from mobileone_cli.options import (
+from mobileone_cli.defaults import (
+    ALL_LAYOUTS,
+    AUTO_TOLERANCE,
     CALIBRATION_METHODS,
     DEFAULT_CALIBRATION_METHOD,
-    QUANTIZE_MODES,
-    TARGETS,
-    CoreMLOptions,
-    ExportOptions,
-    FoldOptions,
-    Gates,
-    LiteRTOptions,
-    OnnxOptions,
-    QuantizeOptions,
-    ReportOptions,
-    SafetensorsOptions,
-    SensitivityOptions,
-    VerifyOptions,
-)
-from mobileone_cli.proof.compare import (
-    AUTO_TOLERANCE,
+    DEFAULT_INPUT_SIZE,
     DEFAULT_MIN_AGREEMENT,
     DEFAULT_MIN_COSINE,
+    IMAGE_SUFFIXES,
+    QUANTIZE_MODES,
     QUANTIZED_MIN_AGREEMENT,
     QUANTIZED_MIN_COSINE,
+    SENSITIVITY_MODES,
+    TARGETS,
 )
-from mobileone_cli.proof.inputs import DEFAULT_INPUT_SIZE, IMAGE_SUFFIXES
-from mobileone_cli.quiet import captured
-from mobileone_cli.validation import (
-    COREML_TARGETS,
-    check_coreml_target,
-    check_input_size,
-    finite_number,
-    read_labels_file,
-)
+from mobileone_cli.errors import EXIT_INTERRUPTED, EXIT_OK, MobileOneError, printable
 
 
 class _Deferred:
     """A module of ours, imported on its first attribute access (`importlib.import_module`).
 
-    Only for the two modules whose import is heavy: `api` (torch) and `console` (rich).
+    For the modules `--help` does not need: `api` (torch), `console` (rich), and the light
+    ones that still cost start-up time (`options`' dataclasses, `validation`, `quiet`).
     An import cut short by Ctrl-C is retried on the next access, as a plain import is.
     """
 
@@ -75,12 +58,48 @@ class _Deferred:
     def __getattr__(self, attribute: str) -> Any:
         return getattr(importlib.import_module(self._name), attribute)
 
+    def constructor(self, name: str) -> Callable[..., Any]:
+        """A stand-in for the class `name` of the module: calling it imports and calls it."""
+        def construct(*args: Any, **kwargs: Any) -> Any:
+            return getattr(self, name)(*args, **kwargs)
+
+        return construct
+
 
 if TYPE_CHECKING:
-    from mobileone_cli import api, console
+    from mobileone_cli import api, console, quiet, validation
+    from mobileone_cli.options import (
+        CoreMLOptions,
+        ExportOptions,
+        FoldOptions,
+        Gates,
+        LiteRTOptions,
+        OnnxOptions,
+        QuantizeOptions,
+        ReportOptions,
+        SafetensorsOptions,
+        SensitivityOptions,
+        VerifyOptions,
+    )
 else:
     api = _Deferred("mobileone_cli.api")
     console = _Deferred("mobileone_cli.console")
+    quiet = _Deferred("mobileone_cli.quiet")
+    validation = _Deferred("mobileone_cli.validation")
+    # The options classes are only built once a command runs; every name imported from
+    # `options` above must be listed here too.
+    _options = _Deferred("mobileone_cli.options")
+    CoreMLOptions = _options.constructor("CoreMLOptions")
+    ExportOptions = _options.constructor("ExportOptions")
+    FoldOptions = _options.constructor("FoldOptions")
+    Gates = _options.constructor("Gates")
+    LiteRTOptions = _options.constructor("LiteRTOptions")
+    OnnxOptions = _options.constructor("OnnxOptions")
+    QuantizeOptions = _options.constructor("QuantizeOptions")
+    ReportOptions = _options.constructor("ReportOptions")
+    SafetensorsOptions = _options.constructor("SafetensorsOptions")
+    SensitivityOptions = _options.constructor("SensitivityOptions")
+    VerifyOptions = _options.constructor("VerifyOptions")
 
 DEMO_CHECKPOINT = "mobileone-demo/mobileone_s0_train.pth"
 # Two or three real examples ending each command's --help, in the order a newcomer runs them:
@@ -161,7 +180,7 @@ class FinitePositive(click.FloatRange):
                 ctx: click.Context | None) -> float:
         """The checked value, or click's usage error carrying our message and hint."""
         number = super().convert(value, param, ctx)
-        return _checked(finite_number, number, param, ctx, option=_option(param))
+        return _checked(validation.finite_number, number, param, ctx, option=_option(param))
 
 
 class InputSize(click.IntRange):
@@ -174,7 +193,7 @@ class InputSize(click.IntRange):
                 ctx: click.Context | None) -> int:
         """The checked value, or click's usage error carrying our message and hint."""
         size = super().convert(value, param, ctx)
-        return _checked(check_input_size, size, param, ctx, option=_option(param))
+        return _checked(validation.check_input_size, size, param, ctx, option=_option(param))
 
 
 class CoreMLTarget(click.ParamType):
@@ -185,9 +204,9 @@ class CoreMLTarget(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> str:
         """The checked value, or click's usage error carrying our message and hint."""
-        by_lower = {target.lower(): target for target in COREML_TARGETS}
+        by_lower = {target.lower(): target for target in validation.COREML_TARGETS}
         name = by_lower.get(str(value).strip().lower(), str(value))
-        return _checked(check_coreml_target, name, param, ctx)
+        return _checked(validation.check_coreml_target, name, param, ctx)
 
 
 class LabelsFile(click.Path):
@@ -200,7 +219,7 @@ class LabelsFile(click.Path):
                 ctx: click.Context | None) -> Path:
         """The checked value, or click's usage error carrying our message and hint."""
         path = Path(os.fsdecode(super().convert(value, param, ctx)))
-        _checked(read_labels_file, path, param, ctx)
+        _checked(validation.read_labels_file, path, param, ctx)
         return path
 
 
@@ -351,7 +370,7 @@ def run_and_render(ctx: click.Context, *, json_mode: bool, activity: str,
         _silence_third_party()
     terminal = console.Terminal(json_mode=json_mode, quiet=bool(settings.get(QUIET_KEY)))
     # The core never prints, so whatever reaches stdout meanwhile is a library's chatter.
-    with terminal.progress(activity) as update, captured(
+    with terminal.progress(activity) as update, quiet.captured(
             stdout=not settings.get(DEBUG_KEY), stderr=False):
         result = call(update)
     _INTERRUPTS.work_done = True
@@ -553,9 +572,9 @@ def fold_command(ctx: click.Context, checkpoint: Path, output: Path, rtol: float
               help=f"Core ML minimum deployment target: {DEPLOYMENT_TARGET_RANGE} [default: "
                    "iOS16, or the oldest that runs the --quantize mode].")
 @click.option("--quantize", type=click.Choice(QUANTIZE_MODES, case_sensitive=False),
-              help="Compress: w8 (int8 weights), w8a8 (and int8 activations), pal8/pal6/pal4 "
-                   "(Core ML palettes), fp16 (ONNX). Each artifact is proven and its cost "
-                   "measured and gated.")
+              help="Compress: w8 (int8 weights; Core ML, ONNX), w8a8 (and int8 activations; "
+                   "Core ML, ONNX, ExecuTorch, tflite), pal8/pal6/pal4 (Core ML palettes), fp16 "
+                   "(ONNX, tflite). Each artifact is proven and its cost measured and gated.")
 @click.option("--calibration", "calibration_dir", type=EXISTING_FOLDER,
               help="Images (a folder or an ImageFolder tree) to calibrate activations on; "
                    "without --inputs every 5th is held out to measure the cost.")
@@ -757,7 +776,7 @@ def demo_next_commands(checkpoint: Path, folded: Path, output_dir: Path) -> tupl
               help="With --sensitivity: the images to measure on (a folder or ImageFolder tree).")
 @click.option("--calibration-count", type=click.IntRange(min=1),
               help="With --sensitivity: use this many of the images, picked evenly.")
-@click.option("--quantize", type=click.Choice(["w8", "w8a8"], case_sensitive=False),
+@click.option("--quantize", type=click.Choice(SENSITIVITY_MODES, case_sensitive=False),
               default="w8", show_default=True,
               help="With --sensitivity: the mode whose int8 weights are tried layer by layer.")
 @json_option

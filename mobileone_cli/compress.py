@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mobileone_cli.defaults import CALIBRATION_METHODS, DEFAULT_CALIBRATION_METHOD
 from mobileone_cli.errors import ExportFailedError, UsageError
 from mobileone_cli.mil import quiet_coremltools, summarize_program, trace_program
-from mobileone_cli.options import CALIBRATION_METHODS, DEFAULT_CALIBRATION_METHOD
 from mobileone_cli.results import LayerSensitivity
 
 if TYPE_CHECKING:

@@ -15,11 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-LAYOUTS = ("apple", "timm", "mmpretrain")
-"""Layouts of every MobileOne S0-S4, between which any (folded) file converts."""
-YANGJIE = "yangjie"
-MOBILEONE_LAYOUTS = (*LAYOUTS, YANGJIE)
-"""Every MobileOne layout a checkpoint is recognised in; yangjie holds only S0."""
+# The layout names live in `defaults`, which the CLI's --help reads without importing this.
+from mobileone_cli.defaults import LAYOUTS, REPVIT_LAYOUTS, YANGJIE
+from mobileone_cli.defaults import MOBILEONE_LAYOUTS as MOBILEONE_LAYOUTS
 
 # Canonical part names, in the order the parts appear inside a block.
 _CANONICAL_PARTS = (
@@ -295,9 +293,6 @@ def convert_key(key: str, *, source: str, target: str) -> str:
 # RepViT: canonical names are timm's; THU-MIG's differ by module path only, one
 # `features.N` per row of their config. A row that opens a stage (stride 2) holds
 # timm's downsample convs; the row before it is timm's `downsample.pre_block`.
-REPVIT_LAYOUTS = ("timm", "thumig")
-ALL_LAYOUTS = tuple(dict.fromkeys((*MOBILEONE_LAYOUTS, *REPVIT_LAYOUTS)))
-"""Every `--layout` name of any family; which ones a model takes: `checkpoint.output_layouts`."""
 _REPVIT_BLOCK_PARTS = (  # (timm, THU-MIG) inside a stride-1 block, longest first
     ("token_mixer.conv1.", "token_mixer.0.conv1."),
     ("token_mixer.conv.", "token_mixer.0.conv."),

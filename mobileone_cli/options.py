@@ -9,17 +9,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mobileone_cli.proof.compare import (
+from mobileone_cli.defaults import (
+    CALIBRATION_METHODS,
+    DEFAULT_CALIBRATION_METHOD,
+    DEFAULT_INPUT_SIZE,
     DEFAULT_MIN_AGREEMENT,
     DEFAULT_MIN_COSINE,
+    QUANTIZE_MODES,
     QUANTIZED_MIN_AGREEMENT,
     QUANTIZED_MIN_COSINE,
 )
-from mobileone_cli.proof.inputs import DEFAULT_INPUT_SIZE
+from mobileone_cli.defaults import TARGETS as TARGETS
 
-TARGETS = ("safetensors", "onnx", "coreml", "executorch", "tflite", "ort")
-"""Every export target by its `--to` name, in the order `--to all` writes them; the
-registry `export.BACKENDS` holds one backend for each (tests/test_pipeline.py checks it)."""
 DEFAULT_REPORT_SIZE = (224, 224)
 DEFAULT_REPORT_RUNS = 20
 DEFAULT_REPORT_WARMUP = 5
@@ -100,11 +101,7 @@ class Gates:
                 agreement if self.min_agreement is None else self.min_agreement)
 
 
-QUANTIZE_MODES = ("w8", "w8a8", "pal8", "pal6", "pal4", "fp16")
-"""Every `--quantize` mode of some target; `compress.TARGET_MODES` says which target does which
-(tests/test_quantize.py checks the two agree)."""
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-DEFAULT_CALIBRATION_METHOD = "minmax"
+__all__ = ["CALIBRATION_METHODS", "DEFAULT_CALIBRATION_METHOD", "QUANTIZE_MODES", "TARGETS"]
 HELD_OUT_EVERY = 5
 """Without `--inputs`, every 5th calibration image (sorted) is held out to measure the cost."""
 

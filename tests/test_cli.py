@@ -234,7 +234,7 @@ def test_reduced_dtype_output_is_proven_tightly_and_its_cost_measured(
     written, cost = artifact["verification"], artifact["cost"]
     # The file is proven against the folded model with the same rounded weights, at the fp32
     # rule; what the rounding costs against the fp32 model is measured apart.
-    assert written["reference"] == f"folded model with {dtype} weights"
+    assert written["reference"] == f"folded model with {dtype} weights (bit-identical)"
     assert written["passed"] and written["rtol"] < 1e-3
     assert cost["precision"] == {"float16": "fp16", "bfloat16": "bf16"}[dtype]
     assert cost["max_rel_diff"] > 10 * json.loads(stdout)[

@@ -17,6 +17,7 @@ from fixtures.digits import IMAGE_SIZE, Digits
 from mobileone_cli import compress
 from mobileone_cli.calibration import ImageSet, load_images
 from mobileone_cli.checkpoint import load_checkpoint
+from mobileone_cli.defaults import QUANTIZED_MIN_AGREEMENT, QUANTIZED_MIN_COSINE
 from mobileone_cli.errors import ExportFailedError, UsageError
 from mobileone_cli.export import coreml as coreml_export
 from mobileone_cli.export import onnx as onnx_export
@@ -25,7 +26,7 @@ from mobileone_cli.fold import fold_state
 from mobileone_cli.mil import quiet_coremltools, run_program, summarize_program
 from mobileone_cli.model import build_model
 from mobileone_cli.options import CoreMLOptions, OnnxOptions
-from mobileone_cli.proof.compare import QUANTIZED_MIN_AGREEMENT, QUANTIZED_MIN_COSINE, cost_of
+from mobileone_cli.proof.compare import cost_of
 from mobileone_cli.results import PrecisionCost
 from mobileone_cli.variants import ArchitectureSpec
 

@@ -26,18 +26,14 @@ from fixtures.digits import IMAGE_SIZE, Digits
 from mobileone_cli import compress
 from mobileone_cli.calibration import ImageSet, load_images
 from mobileone_cli.checkpoint import load_checkpoint
+from mobileone_cli.defaults import QUANTIZED_MIN_AGREEMENT, QUANTIZED_MIN_COSINE
 from mobileone_cli.errors import UsageError
 from mobileone_cli.export import executorch, litert, pt2e
 from mobileone_cli.export.backend import COMPRESSION_KEY, Quantization, WriteContext
 from mobileone_cli.fold import fold_state
 from mobileone_cli.model import build_model
 from mobileone_cli.options import LiteRTOptions
-from mobileone_cli.proof.compare import (
-    QUANTIZED_MIN_AGREEMENT,
-    QUANTIZED_MIN_COSINE,
-    cost_of,
-    with_rounded_weights,
-)
+from mobileone_cli.proof.compare import cost_of, with_rounded_weights
 from mobileone_cli.proof.inputs import IMAGENET_MEAN, IMAGENET_STD, InputBatch
 from mobileone_cli.proof.reference import run_module_reference
 from mobileone_cli.results import Compression, PrecisionCost

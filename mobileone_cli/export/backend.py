@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from mobileone_cli.repvit import ModelSpec
+
 COMPRESSION_KEY = "mobileone.compression"
 """Metadata key of a compressed artifact: `results.Compression.to_dict()` as JSON."""
 
@@ -32,8 +34,8 @@ class Quantization:
     """How `export --quantize` asks a backend to compress the artifact it writes."""
 
     mode: str
-    """As the field names it and `compress.TARGET_MODES` lists it: "w8", "pal4", "w8a8", "int8",
-    "fp16" ..."""
+    """As the field names it and `compress.TARGET_MODES` lists it: "w8", "pal4", "w8a8", "fp16"
+    ..."""
     calibration: np.ndarray | None = None
     """Normalised float32 N x 3 x H x W calibration images (modes that quantize activations)."""
     calibration_method: str | None = None
@@ -89,6 +91,13 @@ class Candidate:
     (decompressed, float32), for the weight check and the proof.
     `run_full_precision` then computes with these weights, float32 arithmetic and float
     activations, so the torch module holding them is its exact reference."""
+    spec: ModelSpec | None = None
+    state: Mapping[str, torch.Tensor] | None = None
+    """A weights-only file (safetensors) as read back: the architecture and the canonical
+    tensors it holds. When they are the proven fold's, bit for bit (rounded to the file's
+    precision), the file computes exactly what that model computed, so the proof compares the
+    tensors and reuses the fold's outputs instead of running the same weights again; else
+    the file is run (`pipeline.prove_artifact`)."""
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """`run`: the artifact as its runtime computes it."""

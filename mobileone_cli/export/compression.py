@@ -37,6 +37,7 @@ from mobileone_cli.compress import (
     weight_layers,
     worst_layers,
 )
+from mobileone_cli.defaults import SENSITIVITY_MODES
 from mobileone_cli.errors import ExportFailedError, UsageError
 from mobileone_cli.export.backend import COMPRESSION_KEY, Backend, Candidate, Quantization
 from mobileone_cli.export.coreml import deployment_target
@@ -406,9 +407,6 @@ def _steps(stored: torch.Tensor, folded: torch.Tensor, *, mode: str) -> float:
 
 
 # --- report --sensitivity -----------------------------------------------------------------
-
-SENSITIVITY_MODES = ("w8", "w8a8")
-
 
 def sensitivity_report(options: SensitivityOptions) -> SensitivityReport:
     """Every folded layer of `options.source`, worst first, by the output error of giving only

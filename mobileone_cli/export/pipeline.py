@@ -37,7 +37,14 @@ from mobileone_cli.fold import fold_state
 from mobileone_cli.manifest import check_bundle_files, read_manifest
 from mobileone_cli.model import build_model, build_shapes_only
 from mobileone_cli.options import ExportOptions, Gates, VerifyOptions
-from mobileone_cli.proof.compare import compare, precision_cost, torch_runner, with_rounded_weights
+from mobileone_cli.proof.compare import (
+    bit_identical,
+    compare,
+    precision_cost,
+    replayed,
+    torch_runner,
+    with_rounded_weights,
+)
 from mobileone_cli.proof.inputs import (
     DEFAULT_INPUT_SIZE,
     IMAGENET_MEAN,
@@ -95,6 +102,8 @@ class FoldedModel:
     verification: Verification
     keep_distillation_head: bool = False
     """A RepViT keeps both classifiers (averaged at run time) instead of one averaged Linear."""
+    outputs_fp32: tuple[np.ndarray, ...] = ()
+    """The folded model's own outputs on `reference.batches`, as its proof computed them."""
 
     @property
     def spec(self) -> ModelSpec:
@@ -126,9 +135,12 @@ def fold_and_prove(loaded: LoadedCheckpoint, *, rtol: float | None = None,
     check_reference_finite(reference.outputs_fp32)
     keep = keep_distillation_head and not loaded.is_folded
     folded_model = build_model(loaded.spec.folded(keep_distillation_head=keep), state)
-    verification = compare(reference, torch_runner(folded_model), rtol=rtol)
+    run = torch_runner(folded_model)
+    outputs = tuple(run(batch.array) for batch in reference.batches)
+    verification = compare(reference, replayed(reference.batches, outputs), rtol=rtol)
     return FoldedModel(loaded=loaded, state=state, reference=reference,
-                       verification=verification, keep_distillation_head=keep)
+                       verification=verification, keep_distillation_head=keep,
+                       outputs_fp32=outputs)
 
 
 def summarize(loaded: LoadedCheckpoint) -> ModelSummary:
@@ -421,7 +433,7 @@ def prove_written(backend: Backend, path: Path, final: Path, *, folded: FoldedMo
                                 "the compression asked of it")
     verification, cost = prove_artifact(candidate, folded.reference, model=model, rtol=rtol,
                                         gates=gates, labels=labels,
-                                        tight_reference=tight_reference)
+                                        tight_reference=tight_reference, fold=folded)
     companions = tuple(Companion(path=final.with_name(companion.name),
                                  sha256=sha256_path(companion), bytes=size_of(companion))
                        for companion in backend.companions(path))
@@ -433,6 +445,7 @@ def prove_written(backend: Backend, path: Path, final: Path, *, folded: FoldedMo
 def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torch.nn.Module,
                    rtol: float | None, gates: Gates, labels: np.ndarray | None = None,
                    tight_reference: torch.nn.Module | None = None,
+                   fold: FoldedModel | None = None,
                    ) -> tuple[Verification, PrecisionCost | None]:
     """The conversion proof of `candidate` and, for reduced precision, its measured cost.
 
@@ -445,6 +458,11 @@ def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torc
     train-time model, which measures (and gates) what the precision costs. A
     compressed artifact (`export --quantize`) is proven by `compression.prove_compressed`.
     `labels`: the true classes of the reference inputs, for accuracy figures.
+
+    With `fold` (the proven fold `model` was built from), a weights-only candidate whose
+    tensors are the fold's bit for bit (`Candidate.state`) is not run again: the outputs
+    of the same weights under the same arithmetic stand for its own, and its
+    `Verification.reference` says so.
     """
     declared = candidate.declared
     size = declared.static_size
@@ -459,6 +477,10 @@ def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torc
                 labels=labels if size is None or labels is None or _kept_all(reference, labels)
                 else None, tight_reference=tight_reference)
         if declared.precision == "fp32":
+            if fold is not None and _holds_the_fold(candidate, fold, dtype="float32"):
+                return compare(replace(reference, name=f"{reference.name}{HOLDS_THE_FOLD}"),
+                               replayed(fold.reference.batches, fold.outputs_fp32),
+                               rtol=rtol), None
             return compare(reference, candidate.run, rtol=rtol), None
         if candidate.run_full_precision is None or declared.precision not in STORAGE_DTYPES:
             raise ExportFailedError(f"{declared.runtime} cannot evaluate a {declared.precision} "
@@ -468,10 +490,17 @@ def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torc
         same_weights = run_module_reference(
             with_rounded_weights(equivalent, dtype), reference.batches,
             name=f"folded model with {dtype} weights", is_classifier=reference.is_classifier)
-        verification = compare(same_weights, candidate.run_full_precision, rtol=rtol)
+        full_precision, run = candidate.run_full_precision, candidate.run
+        if fold is not None and _holds_the_fold(candidate, fold, dtype=dtype):
+            # The file's float32 evaluation is the rounded model's own: reuse its outputs.
+            rounded = replayed(same_weights.batches, same_weights.outputs_fp32)
+            run = rounded if run is full_precision else run
+            full_precision = rounded
+            same_weights = replace(same_weights, name=f"{same_weights.name}{HOLDS_ROUNDED}")
+        verification = compare(same_weights, full_precision, rtol=rtol)
         quantized = declared.compression is not None
         min_cosine, min_agreement = gates.cost_gates(quantized=quantized)
-        cost = precision_cost(reference, candidate.run,
+        cost = precision_cost(reference, run,
                               precision=declared.compression.mode if declared.compression
                               else declared.precision,
                               min_cosine=min_cosine, min_agreement=min_agreement,
@@ -486,6 +515,20 @@ def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torc
 def _kept_all(reference: ReferenceRun, labels: np.ndarray) -> bool:
     """Whether every labelled input is still in the (size-restricted) reference."""
     return sum(len(batch.array) for batch in reference.batches) == len(labels)
+
+
+# Appended to a `Verification.reference` proven by comparing tensors, not by a second run
+# (the README's "Verification" says what they mean).
+HOLDS_THE_FOLD = " (bit-identical fold)"
+HOLDS_ROUNDED = " (bit-identical)"
+
+
+def _holds_the_fold(candidate: Candidate, fold: FoldedModel, *, dtype: str) -> bool:
+    """Whether a weights-only candidate holds `fold`'s architecture and tensors (in `dtype`),
+    and returns what that model returns (not probabilities), so the fold's runs stand for it."""
+    return (candidate.state is not None and not candidate.declared.outputs_probabilities
+            and candidate.spec == fold.spec
+            and bit_identical(candidate.state, fold.state, dtype=dtype))
 
 
 def check_gates(gates: Gates, folded: FoldedModel,
@@ -583,7 +626,8 @@ def _checked(backend: Backend, path: Path, candidate: Candidate, folded: FoldedM
              rtol: float | None, gates: Gates, model: torch.nn.Module | None = None) -> Artifact:
     try:
         verification, cost = prove_artifact(candidate, folded.reference,
-                                            model=model or folded.build(), rtol=rtol, gates=gates)
+                                            model=model or folded.build(), rtol=rtol, gates=gates,
+                                            fold=folded)
     except BadArtifactError as error:
         raise BadArtifactError(f"{path} is not an export of {folded.loaded.source.name}: "
                                f"{error.message}", hint=error.hint) from None

@@ -7,8 +7,8 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mobileone_cli.checkpoint import load_checkpoint
-from mobileone_cli.export.backend import Candidate, WriteContext
+from mobileone_cli.checkpoint import LoadedCheckpoint, load_checkpoint
+from mobileone_cli.export.backend import Candidate, Runner, WriteContext
 from mobileone_cli.fold import state_in_layout
 from mobileone_cli.model import build_model
 from mobileone_cli.options import SafetensorsOptions
@@ -17,6 +17,7 @@ from mobileone_cli.results import Declared
 from mobileone_cli.validation import check_fits_dtype
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 name = "safetensors"
@@ -56,13 +57,44 @@ def serialize(state: dict[str, torch.Tensor], *, layout: str, metadata: dict[str
 def canonical_header(data: bytes) -> bytes:
     """`data` with its JSON header re-serialised with sorted keys (and the same tensors)."""
     (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + length])
-    metadata = header.pop("__metadata__", None)
-    ordered = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
-    ordered.update(sorted(header.items()))
-    text = json.dumps(ordered, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % HEADER_ALIGNMENT)
+    text = canonical_text(data[8 : 8 + length])
     return struct.pack("<Q", len(text)) + text + data[8 + length :]
+
+
+def canonical_text(header: bytes) -> bytes:
+    """A safetensors JSON header with sorted keys, padded to the format's 8-byte alignment."""
+    parsed = json.loads(header)
+    metadata = parsed.pop("__metadata__", None)
+    ordered = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    ordered.update(sorted(parsed.items()))
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    return text + b" " * (-len(text) % HEADER_ALIGNMENT)
+
+
+def write_file(state: dict[str, torch.Tensor], path: Path, *, layout: str,
+               metadata: dict[str, str], family: str = "mobileone") -> None:
+    """`serialize`'s bytes written at `path` without holding them in memory.
+
+    safetensors streams the tensors into the file (its in-memory `save` holds the
+    file's bytes twice); the header is then made canonical in place. Its length does
+    not change, as the same map is re-ordered in the same compact form; were it to,
+    the file is rewritten.
+    """
+    from safetensors.torch import save_file
+
+    save_file(state_in_layout(state, layout=layout, family=family), str(path), metadata=metadata)
+    with path.open("r+b") as stream:
+        (length,) = struct.unpack("<Q", stream.read(8))
+        text = canonical_text(stream.read(length))
+        if len(text) == length:
+            stream.seek(8)
+            stream.write(text)
+            return
+        tensors = stream.read()
+        stream.seek(0)
+        stream.write(struct.pack("<Q", len(text)) + text)
+        stream.write(tensors)
+        stream.truncate()
 
 
 def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
@@ -80,15 +112,19 @@ def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
     # "format": "pt" tells torch loaders (transformers, timm) the tensors are torch's.
     metadata = {**context.metadata, "format": "pt", "mobileone.layout": layout,
                 "mobileone.dtype": options.dtype}
-    path.write_bytes(serialize(state, layout=layout, metadata=metadata, family=context.family))
+    write_file(state, path, layout=layout, metadata=metadata, family=context.family)
 
 
 def open(path: Path) -> Candidate:
-    """The file re-read and rebuilt in torch: proof of the bytes, not of tensors in memory."""
+    """The file re-read and rebuilt in torch: proof of the bytes, not of tensors in memory.
+
+    The candidate also exposes the canonical tensors read back (`Candidate.state`): the
+    proof compares them bit for bit with the fold's, and runs the file's model (built on
+    first use) only when they differ.
+    """
     import torch
 
     loaded = load_checkpoint(path)
-    model = build_model(loaded.spec, loaded.state)
     output = "logits" if loaded.spec.num_classes is not None else "features"
     declared = Declared(
         runtime=f"torch {torch.__version__}",
@@ -100,5 +136,18 @@ def open(path: Path) -> Candidate:
                  "variant": loaded.variant},
     )
     # Built in float32 whatever the stored dtype, so `run` is already full-precision arithmetic.
-    runner = torch_runner(model)
-    return Candidate(declared=declared, run=runner, run_full_precision=runner)
+    runner = _built_on_first_run(loaded)
+    return Candidate(declared=declared, run=runner, run_full_precision=runner, spec=loaded.spec,
+                     state=loaded.state)
+
+
+def _built_on_first_run(loaded: LoadedCheckpoint) -> Runner:
+    """The file's float32 torch model as a runner, built only when a batch first comes."""
+    models: list[torch.nn.Module] = []
+
+    def run(array: np.ndarray) -> np.ndarray:
+        if not models:
+            models.append(build_model(loaded.spec, loaded.state))
+        return torch_runner(models[0])(array)
+
+    return run

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mobileone_cli.defaults import DEFAULT_INPUT_SIZE, IMAGE_SUFFIXES
 from mobileone_cli.errors import BadArtifactError
 
 if TYPE_CHECKING:
@@ -13,9 +14,7 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_INPUT_SIZE = 224
 INPUT_SEED = 0
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # ImageNet evaluation: resize the shorter side to size / 0.875, then centre-crop size x size.
 CROP_FRACTION = 0.875
 
