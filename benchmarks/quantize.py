@@ -30,6 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fixtures.digits import IMAGE_SIZE  # noqa: E402
@@ -51,7 +52,12 @@ def runner(target: str, path: Path, size: int) -> Callable[[], object] | None:
         return onnx_runner(path, batch=1, size=(size, size), threads=1)
     backend = get_backend(target)
     timed = getattr(backend, "timed_runner", None)
-    return None if timed is None else timed(path, threads=1)
+    if timed is None:
+        return None
+    run = timed(path, threads=1)
+    shape = tuple(int(side) for side in backend.open(path).declared.input_shape)
+    inputs = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    return lambda: run(inputs)
 
 
 def measure(name: str, checkpoint: Path, size: int, held_out: Path | None, calibration: Path,
