@@ -100,6 +100,8 @@ class Settings:
     workdir: Path | None
     settle: float
     """Longest wait, in seconds, for other jobs to leave the cores before each measurement."""
+    compression: bool = False
+    """Also run `quantize.py` (every `--quantize` mode through the pipeline) and add its table."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
@@ -121,6 +123,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     parser.add_argument("--settle", type=float, default=DEFAULT_SETTLE,
                         help="before each measurement, wait up to this many seconds for other "
                              "jobs to leave the cores idle (default: 30; 0 to never wait)")
+    parser.add_argument("--compression", action="store_true",
+                        help="also measure every --quantize mode (benchmarks/quantize.py) and "
+                             "add its table")
     parser.add_argument("--quick", action="store_true",
                         help="S0 and S4 only, every measurement once, fewer latency runs")
     args = parser.parse_args(argv)
@@ -134,11 +139,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
     if args.quick:
         return Settings(variants=QUICK_VARIANTS, repeat=1, export_repeat=1, threads=args.threads,
                         runs=min(args.runs, 10), onnx_pairs=40, help_runs=5, out=args.out,
-                        workdir=args.workdir, settle=args.settle)
+                        workdir=args.workdir, settle=args.settle, compression=args.compression)
     return Settings(variants=variants, repeat=args.repeat, export_repeat=export_repeat,
                     threads=args.threads,
                     runs=args.runs, onnx_pairs=ONNX_PAIRS, help_runs=HELP_RUNS, out=args.out,
-                    workdir=args.workdir, settle=args.settle)
+                    workdir=args.workdir, settle=args.settle, compression=args.compression)
 
 
 def progress(message: str) -> None:
@@ -834,10 +839,24 @@ def render(settings: Settings, machine: Machine,
     ]) + "\n"
 
 
+def compression_section(settings: Settings) -> str:
+    """`quantize.py`'s table: every `--quantize` mode of every target through `api.export`."""
+    with tempfile.TemporaryDirectory() as folder:
+        table = Path(folder) / "quantize.md"
+        progress("measuring every --quantize mode (benchmarks/quantize.py)")
+        subprocess.run([sys.executable, str(HERE / "quantize.py"), "--runs", str(settings.runs),
+                        "--out", str(table)], check=True, cwd=HERE.parent,
+                       env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+        return ("\n## Compression: every `--quantize` mode through the pipeline\n\n"
+                + table.read_text(encoding="utf-8"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     started = time.perf_counter()
     report = benchmark(settings)
+    if settings.compression:
+        report += compression_section(settings)
     print(report)
     settings.out.write_text(report, encoding="utf-8")
     progress(f"wrote {settings.out} ({(time.perf_counter() - started) / 60:.1f} min)")
