@@ -20,7 +20,8 @@ def test_the_facade_has_one_documented_function_per_job() -> None:
     jobs = {name for name, value in vars(api).items()
             if inspect.isfunction(value) and not name.startswith("_")
             and value.__module__ == api.__name__}
-    assert jobs == {"inspect", "fold", "export", "verify", "verify_bundle", "report", "demo"}
+    assert jobs == {"inspect", "fold", "export", "verify", "verify_bundle", "report",
+                    "sensitivity", "demo"}
     for name in jobs:
         assert getattr(api, name).__doc__, name
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import SafetensorError
 
 from fixtures.bundles import write_bundle
 from mobileone_cli import files
@@ -180,7 +181,14 @@ def test_a_full_disk_while_writing_is_one_line_and_leaves_nothing(
     def full(self: Path, data: bytes) -> int:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
 
+    def full_in_rust(*args: object, **kwargs: object) -> None:
+        # How safetensors (Rust) reports it: its own exception type, the errno in the text
+        # (measured under `ulimit -f`: "I/O error: File too large (os error 27)").
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
     monkeypatch.setattr(Path, "write_bytes", full)
+    monkeypatch.setattr("safetensors.torch.save_file", full_in_rust)
     message = refused(work, "fold", work / "ckpt.pth", "-o", work / "f.safetensors", *SIZE)
     assert message == f"cannot write {work / 'f.safetensors'}: the disk is full; nothing was written"
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,7 +84,16 @@ def write_file(state: dict[str, torch.Tensor], path: Path, *, layout: str,
     """
     from safetensors.torch import save_file
 
-    save_file(state_in_layout(state, layout=layout, family=family), str(path), metadata=metadata)
+    try:
+        save_file(state_in_layout(state, layout=layout, family=family), str(path),
+                  metadata=metadata)
+    except OSError:
+        raise
+    except Exception as error:  # safetensors reports an I/O failure as its own type
+        translated = _as_os_error(error, path)
+        if translated is error:
+            raise
+        raise translated from error
     with path.open("r+b") as stream:
         (length,) = struct.unpack("<Q", stream.read(8))
         text = canonical_text(stream.read(length))
@@ -95,6 +106,17 @@ def write_file(state: dict[str, torch.Tensor], path: Path, *, layout: str,
         stream.write(struct.pack("<Q", len(text)) + text)
         stream.write(tensors)
         stream.truncate()
+
+
+def _as_os_error(error: Exception, path: Path) -> Exception:
+    """safetensors' Rust I/O error ("Error while serializing: I/O error: File too large (os
+    error 27)", as measured under `ulimit -f`) as the OSError it is, so a full disk reads as
+    one everywhere; any other error as it was."""
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    if found is None:
+        return error
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
