@@ -15,9 +15,10 @@ and their bytes), so a re-run can tell whether it calibrated on the same set.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from mobileone_cli.errors import BadInputError, UsageError
 from mobileone_cli.files import sha256_files
@@ -25,6 +26,8 @@ from mobileone_cli.proof.inputs import DEFAULT_INPUT_SIZE, IMAGE_SUFFIXES, image
 
 if TYPE_CHECKING:
     import numpy as np
+
+Picked = TypeVar("Picked")
 
 
 @dataclass(frozen=True)
@@ -69,9 +72,9 @@ def image_files(folder: Path, *, option: str = "--calibration") -> tuple[list[Pa
     return files, classes
 
 
-def pick_evenly(files: list[Path], count: int) -> list[Path]:
-    """`count` files spread evenly over the sorted list (all of them when count == len)."""
-    return [files[index * len(files) // count] for index in range(count)]
+def pick_evenly(items: Sequence[Picked], count: int) -> list[Picked]:
+    """`count` items spread evenly over the sorted list (all of them when count == len)."""
+    return [items[index * len(items) // count] for index in range(count)]
 
 
 def load_images(

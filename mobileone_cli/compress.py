@@ -162,6 +162,28 @@ def mode_info(target: str, mode: str) -> ModeInfo:
     return MODE_INFO[(target, mode)]
 
 
+# The modes whose files cannot keep layers float: (why, what to do instead).
+KEEP_FLOAT_REFUSED: dict[tuple[str, str], tuple[str, str]] = {
+    # Measured on the digits with 4 layers kept float: top-1 agreement 0.981 with
+    # onnxruntime's graph optimizations off, 0.128 (chance) with the defaults, because its
+    # level-1 WeightBiasQuantization transformer re-quantizes the float weights and bias of
+    # a Conv that reads a DequantizeLinear output (seen in the optimized graph: new
+    # `Conv_weight_q` and `Conv_bias_int32` initializers). Apps run the defaults.
+    ("onnx", "w8a8"): ("onnxruntime re-quantizes the kept layers when it optimizes the graph",
+                       "use --quantize w8 --keep-float (int8 weights, float activations)"),
+    ("tflite", "fp16"): ("LiteRT fp16 stores every weight in fp16",
+                         "fp16 weights cost little; drop --keep-float"),
+}
+
+
+def refuse_keep_float(target: str, mode: str) -> None:
+    """A one-line `UsageError` when `--keep-float` is asked of a mode that cannot keep layers."""
+    if (target, mode) in KEEP_FLOAT_REFUSED:
+        why, instead = KEEP_FLOAT_REFUSED[(target, mode)]
+        raise UsageError(f"--keep-float cannot be combined with --quantize {mode} --to {target}: "
+                         f"{why}", hint=instead)
+
+
 def require_calibration(info: ModeInfo, calibration_count: int | None) -> None:
     """Refuse an activation-quantizing mode without calibration images, before any work."""
     if info.quantizes_activations and not calibration_count:
@@ -426,17 +448,8 @@ def compress_onnx(
     """
     info = mode_info("onnx", mode)
     require_calibration(info, 0 if calibration is None else len(calibration))
-    if mode == "w8a8" and keep_float:
-        # Measured on the digits with 4 layers kept float: top-1 agreement 0.981 with
-        # onnxruntime's graph optimizations off, 0.128 (chance) with the defaults, because its
-        # level-1 WeightBiasQuantization transformer re-quantizes the float weights and bias of
-        # a Conv that reads a DequantizeLinear output (seen in the optimized graph: new
-        # `Conv_weight_q` and `Conv_bias_int32` initializers). Apps run the defaults.
-        raise UsageError(
-            "--keep-float cannot be combined with --quantize w8a8 --to onnx: onnxruntime "
-            "re-quantizes the kept layers when it optimizes the graph",
-            hint="use --quantize w8 --keep-float (int8 weights, float activations)",
-        )
+    if keep_float:
+        refuse_keep_float("onnx", mode)
     import onnx
 
     model = onnx.load(str(model_path))
@@ -676,6 +689,7 @@ __all__ = [
     "fake_quantize_weight",
     "mode_info",
     "palette_error",
+    "refuse_keep_float",
     "require_calibration",
     "weight_layers",
 ]

@@ -32,6 +32,7 @@ from mobileone_cli.compress import (
     TARGET_MODES,
     check_keep_float,
     mode_info,
+    refuse_keep_float,
     require_calibration,
     sensitivity,
     weight_layers,
@@ -52,7 +53,12 @@ from mobileone_cli.options import (
     QuantizeOptions,
     SensitivityOptions,
 )
-from mobileone_cli.proof.compare import compare, precision_cost
+from mobileone_cli.proof.compare import (
+    STORAGE_DTYPES,
+    compare,
+    precision_cost,
+    with_rounded_weights,
+)
 from mobileone_cli.proof.inputs import InputBatch
 from mobileone_cli.proof.reference import ReferenceRun, run_module_reference
 from mobileone_cli.results import (
@@ -87,17 +93,12 @@ BIAS_LIMIT = 0.25
 # is off by the size of its outputs (1 or more).
 PT2E_RTOL = 0.25
 PT2E_RULE = f"{PT2E_RTOL:g} (int8 kernels against their PT2E twin: a few output steps)"
-# Modes whose writers cannot keep layers float.
-NO_KEEP_FLOAT = {("tflite", "fp16"): "LiteRT fp16 stores every weight in fp16",
-                 ("onnx", "w8a8"): "onnxruntime re-quantizes the kept layers when it optimizes "
-                                   "the graph (use --quantize w8)"}
 
 
 @dataclass(frozen=True)
 class Plan:
     """What `--quantize` will do, checked before any work."""
 
-    options: QuantizeOptions
     targets: tuple[str, ...]
     """The backends that compress."""
     skipped: tuple[tuple[str, str], ...]
@@ -139,15 +140,12 @@ def plan(options: ExportOptions, backends: tuple[Backend, ...]) -> Plan | None:
             _check_coreml(options, info.minimum_deployment_target)
     if quantize.keep_float or quantize.keep_float_count:
         for target in chosen:
-            if (target, quantize.mode) in NO_KEEP_FLOAT:
-                raise UsageError(f"--keep-float cannot be combined with --quantize "
-                                 f"{quantize.mode} --to {target}",
-                                 hint=NO_KEEP_FLOAT[(target, quantize.mode)])
+            refuse_keep_float(target, quantize.mode)
     if quantize.keep_float_count and quantize.calibration_dir is None:
         raise UsageError("--keep-float N ranks the layers on calibration images",
                          hint="pass --calibration DIR, or name the layers: --keep-float "
                               "stage1.0.reparam_conv,linear")
-    return Plan(options=quantize, targets=tuple(chosen), skipped=tuple(skipped))
+    return Plan(targets=tuple(chosen), skipped=tuple(skipped))
 
 
 def with_coreml_target(options: ExportOptions) -> ExportOptions:
@@ -240,8 +238,7 @@ def _subset(images: ImageSet, count: int) -> ImageSet:
         raise UsageError(f"--calibration-count {count} asks for more images than "
                          f"{images.folder.name} has to calibrate with ({images.count})",
                          hint=f"pass --calibration-count {images.count} or add images")
-    chosen = pick_evenly(list(images.files), count)
-    return _take(images, [images.files.index(path) for path in chosen])
+    return _take(images, pick_evenly(list(range(images.count)), count))
 
 
 def resolve_keep_float(prepared: Prepared, options: QuantizeOptions,
@@ -299,7 +296,6 @@ def prove_compressed(candidate: Candidate, reference: ReferenceRun, *, model: to
     min_cosine, min_agreement = gates.cost_gates(quantized=True)
     cost = precision_cost(reference, candidate.run, precision=compression.mode,
                           min_cosine=min_cosine, min_agreement=min_agreement, labels=labels)
-    equivalent = candidate.as_torch(model) if candidate.as_torch else model
     if candidate.stored_weights is None or candidate.run_full_precision is None:
         if tight_reference is None:
             raise UsageError(
@@ -313,7 +309,8 @@ def prove_compressed(candidate: Candidate, reference: ReferenceRun, *, model: to
         rule = (PT2E_RULE if rtol is None else verification.tolerance_rule)
         return replace(verification, tolerance_rule=rule), cost
     stored = candidate.stored_weights()
-    dtype = _storage_dtype(declared.precision)
+    equivalent = candidate.as_torch(model) if candidate.as_torch else model
+    dtype = STORAGE_DTYPES.get(declared.precision)
     holder, check = _with_stored_weights(equivalent, stored, dtype=dtype, mode=compression.mode)
     same_weights = run_module_reference(
         holder, reference.batches, name=f"folded model with the artifact's {compression.mode} "
@@ -329,10 +326,6 @@ def needs_its_twin(candidate: Candidate) -> bool:
             and (candidate.stored_weights is None or candidate.run_full_precision is None))
 
 
-def _storage_dtype(precision: str) -> str | None:
-    return {"fp16": "float16", "bf16": "bfloat16"}.get(precision)
-
-
 def _underscored(name: str) -> str:
     return name.replace(".", "_")
 
@@ -343,13 +336,9 @@ def _with_stored_weights(module: torch.nn.Module, stored: Mapping[str, np.ndarra
     and the check of those weights against `module`'s own."""
     import torch
 
-    holder = copy.deepcopy(module).float().eval()
+    holder = (copy.deepcopy(module).float().eval() if dtype is None
+              else with_rounded_weights(module, dtype))
     state = holder.state_dict()
-    if dtype is not None:
-        with torch.no_grad():
-            for tensor in state.values():
-                if tensor.is_floating_point():
-                    tensor.copy_(tensor.to(getattr(torch, dtype)).float())
     original = module.state_dict()
     keys = {_underscored(key): key for key, tensor in state.items()
             if key.endswith((".weight", ".bias")) and tensor.is_floating_point()}

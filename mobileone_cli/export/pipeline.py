@@ -38,6 +38,7 @@ from mobileone_cli.manifest import check_bundle_files, read_manifest
 from mobileone_cli.model import build_model, build_shapes_only
 from mobileone_cli.options import ExportOptions, Gates, VerifyOptions
 from mobileone_cli.proof.compare import (
+    STORAGE_DTYPES,
     bit_identical,
     compare,
     precision_cost,
@@ -84,8 +85,6 @@ if TYPE_CHECKING:
 Progress = Callable[[str], None]
 # What an output file's default name starts with, per family: mobileone_s0, repvit_m0_9.
 _FILE_PREFIX = {"mobileone": "mobileone", "repvit": "repvit"}
-# Reduced precisions and the torch dtype their weights are stored in.
-STORAGE_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
 
 def _quiet(message: str) -> None:
@@ -471,11 +470,12 @@ def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torc
             reference = reference.restricted_to(size, size)
         if declared.outputs_probabilities:
             reference = reference.softmaxed()
+        if labels is not None and not _kept_all(reference, labels):
+            labels = None  # the file's static size left some labelled inputs out
         if declared.compression is not None and declared.compression.mode != "fp16":
             return compression.prove_compressed(
-                candidate, reference, model=model, rtol=rtol, gates=gates,
-                labels=labels if size is None or labels is None or _kept_all(reference, labels)
-                else None, tight_reference=tight_reference)
+                candidate, reference, model=model, rtol=rtol, gates=gates, labels=labels,
+                tight_reference=tight_reference)
         if declared.precision == "fp32":
             if fold is not None and _holds_the_fold(candidate, fold, dtype="float32"):
                 return compare(replace(reference, name=f"{reference.name}{HOLDS_THE_FOLD}"),
@@ -504,8 +504,7 @@ def prove_artifact(candidate: Candidate, reference: ReferenceRun, *, model: torc
                               precision=declared.compression.mode if declared.compression
                               else declared.precision,
                               min_cosine=min_cosine, min_agreement=min_agreement,
-                              labels=labels if labels is None or _kept_all(reference, labels)
-                              else None)
+                              labels=labels)
     except ValueError as error:  # an input or output shape that does not fit the checkpoint
         raise BadArtifactError(f"the artifact does not fit the checkpoint: {error}",
                                hint="check which checkpoint the artifact came from") from None

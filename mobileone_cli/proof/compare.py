@@ -214,6 +214,10 @@ def cost_of(expected: np.ndarray | list[np.ndarray], actual: np.ndarray | list[n
     )
 
 
+STORAGE_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+"""Reduced precisions (as artifacts declare them) and the torch dtype their weights are in."""
+
+
 def with_rounded_weights(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
     """A float32 copy of `model` whose floating-point weights are rounded to `dtype` and back.
 
