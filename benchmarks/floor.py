@@ -23,6 +23,7 @@ START = time.perf_counter()
 
 import json  # after START: the clock covers every import
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -85,17 +86,31 @@ def forward(model: torch.nn.Module, arrays: list[torch.Tensor], dtype: torch.dty
         return [model(array.to(dtype)) for array in arrays]
 
 
-def main() -> None:
-    path, variant = sys.argv[1], sys.argv[2]
-    phases = {"import": time.perf_counter() - START}
-    mark = time.perf_counter()
+class Laps:
+    """Seconds of each named phase, each timed from the end of the one before."""
 
-    def lap(name: str) -> None:
-        nonlocal mark
+    def __init__(self, started: float) -> None:
+        self.phases: dict[str, float] = {}
+        self.mark = started
+
+    def __call__(self, name: str) -> None:
         now = time.perf_counter()
-        phases[name] = now - mark
-        mark = now
+        self.phases[name] = now - self.mark
+        self.mark = now
 
+
+@dataclass(frozen=True)
+class Floor:
+    """What the floor computed: the folded model, the inputs, and the fold's relative error."""
+
+    folded_state: State
+    folded_model: torch.nn.Module
+    arrays: list[torch.Tensor]
+    max_rel_diff: float
+
+
+def run_floor(path: str, variant: str, lap: Laps) -> Floor:
+    """Load, run the train-time model in fp32 and float64, fold, run the folded model."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     lap("load")
     spec = build_spec(VARIANTS[variant], num_classes=1000)
@@ -106,12 +121,20 @@ def main() -> None:
         lap(f"train-time forward {str(dtype).removeprefix('torch.')}")
     folded_state = fold(spec, state)
     lap("fold arithmetic")
-    folded = forward(build_model(spec.folded(), folded_state), arrays, torch.float32)
+    model = build_model(spec.folded(), folded_state).eval()
+    folded = forward(model, arrays, torch.float32)
     lap("folded forward")
     scale = max(float(out.abs().max()) for out in outputs[torch.float64])
     error = max(float((f.double() - t.double()).abs().max())
                 for f, t in zip(folded, outputs[torch.float32]))
-    print(json.dumps({"phases": phases, "max_rel_diff": error / scale}))
+    return Floor(folded_state, model, arrays, error / scale)
+
+
+def main() -> None:
+    lap = Laps(START)
+    lap("import")
+    floor = run_floor(sys.argv[1], sys.argv[2], lap)
+    print(json.dumps({"phases": lap.phases, "max_rel_diff": floor.max_rel_diff}))
 
 
 if __name__ == "__main__":

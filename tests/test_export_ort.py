@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mobileone_cli.errors import EXIT_BAD_INPUT, EXIT_EXPORT_FAILED, MobileOneError, UsageError
+from mobileone_cli.export import onnx as onnx_backend
 from mobileone_cli.export import ort as backend
+from mobileone_cli.export.backend import SharedWork
 from mobileone_cli.options import OnnxOptions
 from tests.on_device import (
     SIZE,
@@ -229,3 +232,27 @@ def test_report_times_the_ort_file_in_its_own_runtime(
     with pytest.raises(UsageError, match="does not fit") as refused:
         api.report(ReportOptions(sources=(path,), size=(SIZE + 32, SIZE + 32), latency=False))
     assert refused.value.hint == f"pass --batch 1 --size {SIZE} {SIZE}"
+
+
+def test_one_run_traces_the_onnx_once_for_both_targets(
+        written: dict[str, tuple[Folded, Path]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    folded, alone = written["s0"]
+    traces = []
+    trace = onnx_backend._trace
+    monkeypatch.setattr(onnx_backend, "_trace",
+                        lambda *args, **kwargs: traces.append(1) or trace(*args, **kwargs))
+    context = replace(folded.context(), shared=SharedWork())
+    onnx_path, ort_path = tmp_path / "s0.onnx", tmp_path / "s0.ort"
+    onnx_backend.write(folded.model, onnx_path, context=context)
+    backend.write(folded.model, ort_path, context=context)
+    assert len(traces) == 1
+    # The same bytes as each target written on its own.
+    assert ort_path.read_bytes() == alone.read_bytes()
+    onnx_backend.write(folded.model, tmp_path / "alone.onnx", context=folded.context())
+    assert onnx_path.read_bytes() == (tmp_path / "alone.onnx").read_bytes()
+    assert len(traces) == 2
+    # Another request (here: another opset) is its own export, never a reused one.
+    backend.write(folded.model, tmp_path / "opset16.ort",
+                  context=replace(context, options=OnnxOptions(opset=16)))
+    assert len(traces) == 3

@@ -65,6 +65,27 @@ class WriteContext:
     """The model family ("mobileone", "repvit"): whose key names a layout means."""
     quantization: Quantization | None = None
     """`export --quantize`: compress what is written; None writes the float model."""
+    shared: SharedWork | None = None
+    """Work one run's backends share (the ORT file converts the ONNX export); None: none."""
+
+
+class SharedWork:
+    """Intermediate products of one export run, made once for every backend that needs them.
+
+    `--to all` writes an ONNX file and an ORT file converted from the same ONNX export;
+    with one `SharedWork` per run the second backend takes the first one's bytes instead
+    of tracing and simplifying the model again (S4: 1.7 s). Keys name everything the
+    product depends on, so a product is only ever reused for an identical request.
+    """
+
+    def __init__(self) -> None:
+        self._products: dict[tuple[object, ...], bytes] = {}
+
+    def bytes_of(self, key: tuple[object, ...], make: Callable[[], bytes]) -> bytes:
+        """The product `key` names, made by `make` the first time it is asked for."""
+        if key not in self._products:
+            self._products[key] = make()
+        return self._products[key]
 
 
 @dataclass(frozen=True)
@@ -98,6 +119,10 @@ class Candidate:
     precision), the file computes exactly what that model computed, so the proof compares the
     tensors and reuses the fold's outputs instead of running the same weights again; else
     the file is run (`pipeline.prove_artifact`)."""
+
+    sha256: str | None = None
+    """The sha256 of the bytes the candidate was read from, when opening it hashed them (a
+    safetensors file); the artifact's record takes it rather than hashing the file again."""
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """`run`: the artifact as its runtime computes it."""

@@ -86,8 +86,11 @@ def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
     options = context.options or OnnxOptions()
     quantization = context.quantization
     if quantization is None:
-        export(model, path, metadata=dict(context.metadata), options=options,
-               input_size=context.input_size, output_name=context.output_name)
+        if context.shared is None:
+            export(model, path, metadata=dict(context.metadata), options=options,
+                   input_size=context.input_size, output_name=context.output_name)
+        else:
+            path.write_bytes(exported_bytes(model, context=context, options=options))
         return
     import onnx
 
@@ -102,6 +105,27 @@ def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
     proto = onnx.load(str(path))
     _stamp(proto, metadata=dict(context.metadata))
     path.write_bytes(proto.SerializeToString(deterministic=True))
+
+
+def exported_bytes(model: torch.nn.Module, *, context: WriteContext,
+                   options: OnnxOptions) -> bytes:
+    """The bytes `export` writes for `model` with the context's metadata and `options`.
+
+    Made once per run: with `context.shared`, the ONNX and ORT targets of one run
+    share a single trace and simplification.
+    """
+    def make() -> bytes:
+        with tempfile.TemporaryDirectory(prefix="mobileone-onnx-") as folder:
+            path = Path(folder) / "model.onnx"
+            export(model, path, metadata=dict(context.metadata), options=options,
+                   input_size=context.input_size, output_name=context.output_name)
+            return path.read_bytes()
+
+    if context.shared is None:
+        return make()
+    key = ("onnx", model, options, context.input_size, context.output_name,
+           tuple(sorted(context.metadata.items())))
+    return context.shared.bytes_of(key, make)
 
 
 def export(

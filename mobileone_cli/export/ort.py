@@ -95,8 +95,7 @@ def write(model: torch.nn.Module, path: Path, *, context: WriteContext) -> None:
         raise UsageError(f"the ort target takes OnnxOptions, not {type(options).__name__}")
     with tempfile.TemporaryDirectory(prefix="mobileone-ort-") as folder:
         source = Path(folder) / f"{path.stem}.onnx"
-        onnx_export.export(model, source, metadata=dict(context.metadata), options=options,
-                           input_size=context.input_size, output_name=context.output_name)
+        source.write_bytes(onnx_export.exported_bytes(model, context=context, options=options))
         with converting("onnxruntime's ORT format converter",
                         hint="report it with the model's variant and the onnxruntime version"):
             from onnxruntime.tools.convert_onnx_models_to_ort import (

@@ -30,7 +30,7 @@ from mobileone_cli.bundle import (
 from mobileone_cli.checkpoint import LoadedCheckpoint, load_checkpoint, output_layouts
 from mobileone_cli.errors import BadArtifactError, ExportFailedError, UsageError
 from mobileone_cli.export import compression
-from mobileone_cli.export.backend import Backend, Candidate, WriteContext
+from mobileone_cli.export.backend import Backend, Candidate, SharedWork, WriteContext
 from mobileone_cli.export.registry import BACKENDS, backend_for_path, get_backend
 from mobileone_cli.files import check_destination, replace_path, sha256_path, size_of, staging_path
 from mobileone_cli.fold import fold_state
@@ -346,6 +346,7 @@ def export(options: ExportOptions, *, progress: Progress = _quiet) -> ExportResu
         if options.is_bundle:
             staged.mkdir()
         artifacts = []
+        shared = SharedWork()
         for backend in backends:
             final = paths[backend.name]
             path = staged / final.name if options.is_bundle else staged
@@ -359,7 +360,7 @@ def export(options: ExportOptions, *, progress: Progress = _quiet) -> ExportResu
                           else compression.with_record(metadata, record)),
                 mean=IMAGENET_MEAN, std=IMAGENET_STD, labels=labels,
                 options=_backend_options(options, backend.name, layout=layout),
-                family=loaded.spec.family, quantization=quantization,
+                family=loaded.spec.family, quantization=quantization, shared=shared,
             )
             progress(f"writing {backend.name}"
                      + (f" ({quantization.mode})" if quantization else ""))
@@ -436,7 +437,7 @@ def prove_written(backend: Backend, path: Path, final: Path, *, folded: FoldedMo
     companions = tuple(Companion(path=final.with_name(companion.name),
                                  sha256=sha256_path(companion), bytes=size_of(companion))
                        for companion in backend.companions(path))
-    return Artifact(path=final, format=backend.name, sha256=sha256_path(path),
+    return Artifact(path=final, format=backend.name, sha256=candidate.sha256 or sha256_path(path),
                     bytes=size_of(path), verification=verification, cost=cost,
                     declared=candidate.declared, companions=companions)
 

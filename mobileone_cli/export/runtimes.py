@@ -24,6 +24,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import util as importing
+from importlib.machinery import PathFinder
 from typing import TYPE_CHECKING, Any
 
 from mobileone_cli.errors import ExportFailedError, MobileOneError
@@ -138,17 +139,36 @@ def failure_line(error: BaseException, captured: Captured) -> str:
 def missing_modules(modules: Sequence[str], *, target: str, install: str) -> str | None:
     """None when every module can be found; else the one-line reason naming `install`.
 
-    `find_spec` looks without importing (executorch and litert-torch take
-    5-10 s to import), so `--to all` can ask every backend cheaply.
+    Found without importing anything (executorch and litert-torch take 5-10 s to
+    import), so `--to all` can ask every backend cheaply (see `findable`).
     """
     for module in modules:
-        try:
-            found = importing.find_spec(module) is not None
-        except (ImportError, ValueError):  # a parent that fails to import; a None module
-            found = False
-        if not found:
+        if not findable(module):
             return f"the {target} target needs the '{module.split('.')[0]}' package: {install}"
     return None
+
+
+def findable(module: str) -> bool:
+    """Whether `module` (dotted or not) is installed, found without importing its parents.
+
+    `importlib.util.find_spec("a.b")` imports package `a` first. Here each level
+    is looked up in its parent's folders instead, so asking for `executorch.exir`
+    leaves `executorch` unimported, and coremltools, which imports whatever
+    ExecuTorch parts it finds already there, does not pull in the rest of it.
+    """
+    if module in sys.modules:  # imported already, or set to None: "not installed"
+        return sys.modules[module] is not None
+    top, *rest = module.split(".")
+    try:
+        spec = importing.find_spec(top)
+        for depth in range(len(rest)):
+            if spec is None or spec.submodule_search_locations is None:
+                return False
+            name = ".".join([top, *rest[: depth + 1]])
+            spec = PathFinder.find_spec(name, list(spec.submodule_search_locations))
+    except (ImportError, ValueError):  # a broken installation; a module set to None
+        return False
+    return spec is not None
 
 
 def pip_extra(extra: str) -> str:

@@ -160,7 +160,7 @@ def open(path: Path) -> Candidate:
     # Built in float32 whatever the stored dtype, so `run` is already full-precision arithmetic.
     runner = _built_on_first_run(loaded)
     return Candidate(declared=declared, run=runner, run_full_precision=runner, spec=loaded.spec,
-                     state=loaded.state)
+                     state=loaded.state, sha256=loaded.sha256)
 
 
 def _built_on_first_run(loaded: LoadedCheckpoint) -> Runner:
