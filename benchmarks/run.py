@@ -306,8 +306,10 @@ def measure(command: list[str], *, label: str, machine: Machine, settle: float) 
 
 def measure_once(command: list[str]) -> Run:
     """One run of `command` in its own wrapper process; a failed command stops the benchmark."""
+    # With bytecode caching, as after `pip install`: the tool's modules (and the floors',
+    # which import some of them) are read from .pyc files, not compiled on every run.
     completed = subprocess.run([sys.executable, str(HERE / "peak.py"), *command],
-                               capture_output=True, text=True, check=True)
+                               capture_output=True, text=True, check=True, env=with_bytecode())
     result = json.loads(completed.stdout)
     if result["returncode"] != 0:
         raise SystemExit(f"{' '.join(command)} exited {result['returncode']}:\n{result['stderr']}")
