@@ -10,6 +10,7 @@ rich or our own dataclasses: `api` (which pulls torch), `console` (rich), `optio
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import math
@@ -54,9 +55,18 @@ class _Deferred:
 
     def __init__(self, name: str) -> None:
         self._name = name
+        self._when_imported: Callable[[], None] | None = None
 
     def __getattr__(self, attribute: str) -> Any:
-        return getattr(importlib.import_module(self._name), attribute)
+        module = importlib.import_module(self._name)
+        if self._when_imported is not None:
+            hook, self._when_imported = self._when_imported, None
+            hook()
+        return getattr(module, attribute)
+
+    def when_imported(self, hook: Callable[[], None]) -> None:
+        """Call `hook` once, right after the module's first import."""
+        self._when_imported = hook
 
     def constructor(self, name: str) -> Callable[..., Any]:
         """A stand-in for the class `name` of the module: calling it imports and calls it."""
@@ -65,6 +75,8 @@ class _Deferred:
 
         return construct
 
+
+_api_module = _Deferred("mobileone_cli.api")
 
 if TYPE_CHECKING:
     from mobileone_cli import api, console, quiet, validation
@@ -82,7 +94,7 @@ if TYPE_CHECKING:
         VerifyOptions,
     )
 else:
-    api = _Deferred("mobileone_cli.api")
+    api = _api_module
     console = _Deferred("mobileone_cli.console")
     quiet = _Deferred("mobileone_cli.quiet")
     validation = _Deferred("mobileone_cli.validation")
@@ -811,6 +823,25 @@ def report_command(ctx: click.Context, sources: tuple[Path, ...], latency: bool,
                    render=lambda terminal, result: terminal.report(result))
 
 
+COLLECTOR_THRESHOLD = 10_000
+"""Allocations between young-generation collections of a command's process (CPython: 700)."""
+
+
+def tune_collector() -> None:
+    """Cheaper garbage collection for the rest of a command, once torch and the pipeline are in.
+
+    The process runs one command and exits, so the objects its imports made live
+    until then: `gc.freeze()` keeps every collection from traversing them again,
+    and a larger young generation makes full collections rarer while the
+    converters import and allocate. Measured on S4: `export --to all` spent 4.2 s
+    in collections (15 full ones, 3.5 s), 1.6 s after this; `fold` had one full
+    collection of 90 ms, none after. Only the console script does this: a Python
+    program that imports the API keeps its own collector settings.
+    """
+    gc.freeze()
+    gc.set_threshold(COLLECTOR_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def entry_point() -> None:
     """The console script: `main`, with an interrupted run ending in exit code 130 for sure.
 
@@ -821,6 +852,7 @@ def entry_point() -> None:
     exit (measured: exit -2 instead of 130 when interrupted during imports).
     So an interrupted run leaves without the interpreter's exit path.
     """
+    _api_module.when_imported(tune_collector)  # the process is the command's alone
     try:
         main()
     except SystemExit as exit_request:

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from fixtures.generate import manifest
-from mobileone_cli.cli import main
+from mobileone_cli.cli import COLLECTOR_THRESHOLD, main
 from tests.faults import ignore_eps
 
 
@@ -213,6 +213,25 @@ def test_help_and_version_import_no_torch() -> None:
         )
         result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
         assert result.stderr.strip().endswith("NO-TORCH"), result.stderr
+
+
+def test_only_the_console_script_tunes_the_garbage_collector(s0_checkpoint: Path) -> None:
+    """`entry_point` owns its process: once the API is imported it freezes what the imports
+    made and raises the young generation's threshold. `main`, which Python programs and
+    tests call, leaves the collector as it was."""
+    probe = (
+        "import gc, sys\nfrom mobileone_cli import cli\n"
+        "run = cli.entry_point if sys.argv[1] == 'entry_point' else cli.main\n"
+        "sys.argv = ['mobileone', 'inspect', sys.argv[2], '--json']\n"
+        "try:\n    run()\nexcept SystemExit as stop:\n    assert stop.code == 0, stop.code\n"
+        "print(gc.get_freeze_count() > 0, gc.get_threshold()[0], file=sys.stderr)\n"
+    )
+    for runner, expected in (("entry_point", f"True {COLLECTOR_THRESHOLD}"),
+                             ("main", "False 700")):
+        result = subprocess.run([sys.executable, "-c", probe, runner, str(s0_checkpoint)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.strip().splitlines()[-1] == expected
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
