@@ -19,7 +19,8 @@ fp16 GPU and Neural Engine hardware does (wide accumulators, fp16 storage);
 mean, softmax, sigmoid and batch_norm are computed in float32 and rounded
 once; elementwise +, -, *, / on fp16 are exact IEEE fp16 (numpy computes them
 in float32 and rounds once, which gives the correctly rounded fp16 result).
-On the test models this matches torch's CPU float16 evaluation bit for bit.
+On the test models it stays within a quarter of the fp16 tolerance of torch's
+CPU float16 evaluation (tests/test_mil.py).
 
 Facts about saved programs this module relies on (coremltools 9):
 
