@@ -465,7 +465,6 @@ def _validate(
     render: Callable[[str], str],
     unexpected: list[str],
 ) -> None:
-
     expected = expected_shapes(spec)
     if not any(key.endswith("num_batches_tracked") for key in state):
         # Older checkpoints and some converters drop this counter; folding never reads it.
