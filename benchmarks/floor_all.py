@@ -11,7 +11,7 @@ uses, and run once in its own runtime on the 224 x 224 inputs:
 - ONNX: `torch.onnx.export(dynamo=False, opset 17)`, onnxsim, onnxruntime;
 - Core ML: `torch.jit.trace`, `ct.convert` to an fp16 ML Program for iOS16, save
   (not run: there is no Core ML runtime on Linux, so proving it is counted as ours;
-  coremltools imported without the probes the tool skips, see `write_coreml`);
+  coremltools imported as the tool imports it, `mil.import_coremltools`);
 - ExecuTorch: `torch.export`, `to_edge_transform_and_lower` with XNNPACK, the runtime;
 - LiteRT: `litert_torch.convert`, `ai_edge_litert`'s interpreter;
 - ORT: onnxruntime's `convert_onnx_models_to_ort` of the ONNX file above, onnxruntime.
@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 from floor import Laps, run_floor  # benchmarks/ is the script's folder, first on sys.path
+
+from mobileone_cli.mil import import_coremltools
 
 SIZE = 224
 OPSET = 17
@@ -69,16 +71,10 @@ def write_onnx(model: torch.nn.Module, example: torch.Tensor, images: list, fold
 
 
 def write_coreml(model: torch.nn.Module, example: torch.Tensor, folder: Path) -> None:
-    # As `mobileone` imports it (`mil.quiet_coremltools`): without the optional packages
-    # coremltools probes for at import and a conversion of TorchScript never uses, which
-    # a plain `import coremltools` in an `[all]` install spends 4.8 s on.
-    blocked = [name for name in ("sklearn", "transformers", "executorch", "torchao")
-               if name not in sys.modules]
-    sys.modules.update(dict.fromkeys(blocked))
-    import coremltools as ct
-
-    for name in blocked:
-        del sys.modules[name]
+    # As `mobileone` imports it: without the optional packages coremltools probes for at
+    # import and a conversion of TorchScript never uses, which a plain `import coremltools`
+    # in an `[all]` install spends 4.8 s on.
+    ct = import_coremltools()
 
     traced = torch.jit.trace(model, example)
     converted = ct.convert(traced, inputs=[ct.TensorType(name="image", shape=example.shape)],

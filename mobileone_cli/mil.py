@@ -273,25 +273,27 @@ def quiet_coremltools() -> Iterator[None]:
             warnings.filterwarnings("ignore", message=".*has been renamed")
             warnings.filterwarnings("ignore", message=_TEMPORARY_DIRECTORY,
                                     category=ResourceWarning)
-            if "coremltools" not in sys.modules:
-                _import_without_unused_probes()
+            import_coremltools()
             yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
 
 
-def _import_without_unused_probes() -> None:
-    """`import coremltools` with each of `_UNUSED_PROBES` not yet imported seen as absent."""
-    blocked = [name for name in _UNUSED_PROBES if name not in sys.modules]
-    for name in blocked:
-        sys.modules[name] = None  # type: ignore[assignment]  # import raises ImportError
-    try:
-        import coremltools  # noqa: F401
-    finally:
+def import_coremltools() -> Any:
+    """The coremltools module; imported the first time with each of `_UNUSED_PROBES` not
+    yet imported seen as absent (`quiet_coremltools` silences that import)."""
+    if "coremltools" not in sys.modules:
+        blocked = [name for name in _UNUSED_PROBES if name not in sys.modules]
         for name in blocked:
-            if name in sys.modules and sys.modules[name] is None:
-                del sys.modules[name]
+            sys.modules[name] = None  # type: ignore[assignment]  # import raises ImportError
+        try:
+            import coremltools  # noqa: F401
+        finally:
+            for name in blocked:
+                if name in sys.modules and sys.modules[name] is None:
+                    del sys.modules[name]
+    return sys.modules["coremltools"]
 
 
 # MIL dtype -> _BlobStorageReader method. fp16 comes back as raw uint16 bits; sub-byte types
